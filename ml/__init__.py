@@ -1,0 +1,1 @@
+"""Neural networks that read size and dispersion from scattering patterns."""

@@ -1,0 +1,1 @@
+"""Nanocrystal total-scattering simulation: structures, clusters, Debye engines, patterns."""
