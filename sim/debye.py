@@ -201,9 +201,31 @@ def atomistic_statistics(cluster: Cluster, bin_width_angstrom: float = ATOMISTIC
 # ----------------------------------------------------------------------------------------------------------------
 # Intensities
 # ----------------------------------------------------------------------------------------------------------------
+def mean_sinc(x: np.ndarray, strain_rms: float = 0.0) -> np.ndarray:
+    """sin(x)/x, or its exact average over u = 1 + eps with eps ~ N(0, strain_rms^2): E[sin(x u)/(x u)].
+
+    E[sin(xu)/(xu)] = g(x)/x with g(x) = int_0^x exp(-s^2 t^2 / 2) cos t dt, written with the Faddeeva function
+    w as g = sqrt(pi/2)/s * [exp(-1/2s^2) - Re(exp(-s^2 x^2/2 + i x) w((1/s + i s x)/sqrt 2))]. For small s it
+    tends to sinc(x) exp(-s^2 x^2 / 2): a population of particles with a Gaussian spread of lattice parameters.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    if strain_rms == 0:
+        return np.sinc(x / np.pi)  # numpy's sinc is sin(pi x)/(pi x)
+    from scipy.special import wofz
+
+    s = float(strain_rms)
+    z = (1.0 / s + 1j * s * x) / np.sqrt(2.0)
+    with np.errstate(under="ignore", over="ignore"):
+        g = np.sqrt(np.pi / 2.0) / s * (np.exp(-0.5 / s**2)
+                                        - np.real(np.exp(-0.5 * (s * x) ** 2 + 1j * x) * wofz(z)))
+        out = np.where(np.abs(x) > 1e-8, g / np.where(x == 0, 1.0, x), 1.0)
+    return out
+
+
 def sinc_sums(q_inv_angstrom: np.ndarray, distances_angstrom: np.ndarray, weights: np.ndarray,
-              chunk: int = 4096) -> np.ndarray:
-    """sum_r weights[..., r] sin(Q r)/(Q r) for every Q: shape weights.shape[:-1] + (n_Q,)."""
+              strain_rms: float = 0.0, chunk: int = 4096) -> np.ndarray:
+    """sum_r weights[..., r] sinc(Q r) for every Q (averaged over a Gaussian lattice-parameter spread when
+    strain_rms > 0): shape weights.shape[:-1] + (n_Q,)."""
     q = np.asarray(q_inv_angstrom, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     lead = w.shape[:-1]
@@ -211,26 +233,37 @@ def sinc_sums(q_inv_angstrom: np.ndarray, distances_angstrom: np.ndarray, weight
     out = np.zeros((w2.shape[0], q.size))
     for a in range(0, len(distances_angstrom), chunk):
         r = distances_angstrom[a:a + chunk]
-        x = q[:, None] * r[None, :]
-        s = np.sinc(x / np.pi)  # numpy's sinc is sin(pi x)/(pi x)
-        out += w2[:, a:a + chunk] @ s.T
+        sk = mean_sinc(q[:, None] * r[None, :], strain_rms)
+        out += w2[:, a:a + chunk] @ sk.T
     return out.reshape(lead + (q.size,))
 
 
 def intensity(stats: PairStatistics, q_inv_angstrom, *, b_iso=0.0, energy_kev: float | None = None,
-              strain: float = 0.0) -> np.ndarray:
+              strain: float = 0.0, strain_rms: float = 0.0, cluster_weights=None) -> np.ndarray:
     """DSE intensity in electron units per particle, shape (n_clusters, n_Q).
 
     `b_iso` is one B (A^2) for all elements, or {element: B}; pair terms are damped by T_s T_t with
-    T = exp(-B Q^2 / 16 pi^2), self terms are not. `strain` scales every distance by (1 + strain).
+    T = exp(-B Q^2 / 16 pi^2), self terms are not. `strain` scales every distance by (1 + strain);
+    `strain_rms` averages exactly over a Gaussian spread of lattice parameters (microstrain between particles).
+    With `cluster_weights` (n_clusters,), returns the number-weighted mixture, shape (1, n_Q): the DSE is linear
+    in the pair counts, so the mixture costs one evaluation.
     """
     q = check_q(q_inv_angstrom)
     if not np.isfinite(strain) or strain <= -1:
         raise InputError(f"strain = {strain!r}: expected a finite relative strain > -1")
+    if not np.isfinite(strain_rms) or not 0 <= strain_rms < 0.2:
+        raise InputError(f"strain_rms = {strain_rms!r}: expected a relative rms strain between 0 and 0.2")
     ff = form_factors(stats.species, q, energy_kev)
     t = debye_waller(per_element(b_iso, stats.species, "b_iso"), q)
-    sums = sinc_sums(q, stats.distances_angstrom * (1.0 + strain), stats.pair_counts)  # (k, p, Q)
-    out = np.einsum("ks,sq->kq", stats.atom_counts, np.abs(ff) ** 2)
+    counts, atoms = stats.pair_counts, stats.atom_counts
+    if cluster_weights is not None:
+        wk = np.asarray(cluster_weights, dtype=np.float64)
+        if wk.shape != (stats.n_clusters,):
+            raise InputError(f"cluster_weights: expected shape ({stats.n_clusters},), got {wk.shape}")
+        counts = np.einsum("k,kpr->pr", wk, counts)[None]
+        atoms = (wk @ atoms)[None]
+    sums = sinc_sums(q, stats.distances_angstrom * (1.0 + strain), counts, strain_rms)  # (k, p, Q)
+    out = np.einsum("ks,sq->kq", atoms, np.abs(ff) ** 2)
     for p, (s, u) in enumerate(stats.pairs):
         out += 2.0 * np.real(ff[s] * np.conj(ff[u])) * t[s] * t[u] * sums[:, p, :]
     return out
