@@ -1,0 +1,75 @@
+"""The network: shapes, scale invariance, masks, class-activation maps, a tiny batch overfitted."""
+
+import numpy as np
+import pytest
+import torch
+
+from qdsize.ml.model import ModelConfig, QDNet, normalise_input
+from qdsize.sim.errors import InputError
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(),
+    ModelConfig(channels=[16, 16], kernels=[5, 3], strides=[4, 4], dropout=0.0, norm="none"),
+    ModelConfig(channels=[8, 16, 32], kernels=[10, 5, 4], strides=[10, 5, 4], norm="group",
+                n_size_classes=17, n_dispersion_classes=3),
+])
+@pytest.mark.parametrize("n_q", [1801, 700])
+def test_output_shapes(cfg, n_q):
+    m = QDNet(cfg).eval()
+    out = m(torch.rand(3, n_q) + 0.1)
+    assert out["size_logits"].shape == (3, cfg.n_size_classes)
+    assert out["dispersion_logits"].shape == (3, cfg.n_dispersion_classes)
+    for k in ("mean_diameter", "mean_diameter_logvar", "dispersion", "dispersion_logvar"):
+        assert out[k].shape == (3,)
+    assert m.class_activation_map(torch.rand(3, n_q) + 0.1).shape == (3, n_q)
+
+
+def test_predictions_do_not_depend_on_the_overall_scale():
+    torch.manual_seed(0)
+    m = QDNet().eval()
+    x = torch.rand(4, 1801) * 1e4 + 10
+    with torch.no_grad():
+        a, b = m(x), m(x * 3.7e-3)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_masked_points_do_not_influence_the_input():
+    x = torch.rand(2, 100) + 1
+    mask = torch.ones(2, 100)
+    mask[:, 80:] = 0
+    y = x.clone()
+    y[:, 80:] = 1e9
+    torch.testing.assert_close(normalise_input(x, mask), normalise_input(y, mask))
+
+
+def test_a_tiny_batch_is_overfitted():
+    torch.manual_seed(1)
+    cfg = ModelConfig(channels=[16, 32, 32], kernels=[7, 5, 3], strides=[4, 4, 2], dropout=0.0)
+    m = QDNet(cfg)
+    x = torch.rand(16, 600) + torch.linspace(0, 3, 600) * torch.arange(16)[:, None] / 16
+    ys = torch.arange(16) % 10
+    yd = torch.arange(16) % 4
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(300):
+        out = m(x)
+        loss = torch.nn.functional.cross_entropy(out["size_logits"], ys) + \
+            torch.nn.functional.cross_entropy(out["dispersion_logits"], yd)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m(x)
+    assert (out["size_logits"].argmax(1) == ys).all()
+    assert (out["dispersion_logits"].argmax(1) == yd).all()
+
+
+def test_bad_architecture_names_the_field():
+    with pytest.raises(InputError, match="model.kernels"):
+        ModelConfig(channels=[8, 8], kernels=[3], strides=[2, 2])
+    with pytest.raises(InputError, match="model.norm"):
+        ModelConfig(norm="layer")
+    with pytest.raises(InputError, match="model.dropout"):
+        ModelConfig(dropout=1.5)
