@@ -94,6 +94,98 @@ def augment_gallery(out: Path = typer.Option(Path("augment_gallery.png"), "-o", 
     typer.echo(f"wrote {out}")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def simulate(
+    config: Path = typer.Argument(..., help="Dataset config (YAML), e.g. conf/dataset/pbs.yaml."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key=value (dotted keys)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder (default $QDSIZE_HOME/datasets/NAME)."),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Total samples over all splits."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Dataset seed."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default RAY_ADDRESS, "
+                                          "else an embedded local Ray on loopback)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Shard tasks in flight (embedded Ray: its CPUs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a dataset of another config in --out."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Compose in this process, without Ray."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary."),
+):
+    """Simulate a Parquet dataset of DSE patterns (resumable: re-run the same command to complete it)."""
+    from qdsize.platform import config as cfgmod
+    from qdsize.platform import simulate as sim
+    from qdsize.platform.workspace import home
+
+    ov = list(overrides or [])
+    if samples is not None:
+        ov.append(f"dataset.samples={samples}")
+    if seed is not None:
+        ov.append(f"dataset.seed={seed}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers = {workers}: expected at least 1")
+    loaded = cfgmod.load_dataset_config(config, ov)
+    target = out if out is not None else home() / "datasets" / loaded.config.dataset.name
+    m = sim.run(loaded, target, address=address, workers=workers, overwrite=overwrite, use_ray=not no_ray,
+                quiet=quiet)
+    typer.echo(f"{m['status']}: {Path(target).resolve()} ({sum(r['rows'] for r in m['shards']):,} patterns, "
+               f"config hash {m['config_hash']})")
+
+
+dataset_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Inspect simulated datasets.")
+app.add_typer(dataset_app, name="dataset")
+
+
+@dataset_app.command("info")
+def dataset_info(path: Path = typer.Argument(..., help="Dataset folder (holds manifest.json).")):
+    """Validate every shard's checksum and row count, and print the dataset summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from qdsize.platform import dataset as ds
+
+    manifest, problems = ds.validate(path)
+    con = Console()
+    t = Table(title=f"{manifest['name']}  config {manifest['config_hash']}  status {manifest['status']}")
+    for c in ("split", "shards", "rows", "MB", "bytes/pattern", "nodes"):
+        t.add_column(c)
+    for r in ds.summary_rows(manifest):
+        t.add_row(r["split"], str(r["shards"]), f"{r['rows']:,}", f"{r['bytes'] / 1e6:.2f}",
+                  f"{r['bytes_per_pattern']:,.0f}", ", ".join(r["nodes"]) or "-")
+    con.print(t)
+    q = manifest["q_inv_angstrom"]
+    con.print(f"Q grid: {q[0]:g}-{q[-1]:g} 1/A, {len(q)} points; families: {len(manifest['families'])}; "
+              f"size classes (nm): {manifest['labels']['size_class_edges_nm']}; dispersion classes (%): "
+              f"{manifest['labels']['dispersion_class_edges_pct']}")
+    if problems:
+        for p in problems:
+            typer.echo(f"qdsize: invalid: {p}", err=True)
+        raise typer.Exit(1)
+    con.print(f"ok: {len(manifest['shards'])} shards, checksums verified")
+
+
+@dataset_app.command("show")
+def dataset_show(
+    path: Path = typer.Argument(..., help="Dataset folder."),
+    index: int = typer.Option(0, "--index", "-i", help="Row within the split (over shards in order)."),
+    split: str = typer.Option("train", "--split", help="train, val, test, benchmark or seedgrid."),
+    out: Path = typer.Option(Path("sample.png"), "-o", "--out", help="Output PNG."),
+):
+    """Plot one sample with its labels and parameters."""
+    from qdsize.platform import dataset as ds
+    from qdsize.platform.figures import plot_patterns
+
+    if split not in ("train", "val", "test", "benchmark", "seedgrid"):
+        raise InputError(f"--split = {split!r}: expected one of train, val, test, benchmark, seedgrid")
+    q = ds.q_grid(path)
+    row = ds.read_row(path, split, index)
+    label = (f"{row['mean_diameter_nm']:.2f} nm, {row['size_dispersion_pct']:.1f} % (classes "
+             f"{row['size_class']}, {row['dispersion_class']}); {row['shape']}, {row['surface']}")
+    curves = [(q, row["pattern"], label)]
+    if "pattern_clean" in row:
+        curves = [(q, row["pattern_clean"], "clean"), (q, row["pattern"], f"augmented ({row['augment_preset']})")]
+    title = (f"{split}[{index}]: {label}\na = {row['a_angstrom']:.4f} A, microstrain {row['microstrain_pct']:.2f} %, "
+             f"{row['energy_kev']:g} keV")
+    plot_patterns(out, curves, title=title, log=True)
+    typer.echo(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning input errors into one line on stderr and exit code 2."""
     try:

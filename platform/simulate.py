@@ -1,0 +1,773 @@
+"""Dataset simulation: plan, size families (cached), fast exact-enough DSE composition, and the Ray fan-out."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from qdsize.platform import config as cfgmod
+from qdsize.platform import dataset as ds
+from qdsize.sim import cluster, crystal, debye, scattering
+from qdsize.sim.errors import InputError, bad
+
+FAMILY_FORMAT = 1  # bump when what a cached family holds changes
+TABLE_FORMAT = 1
+SPLIT_CODE = {s: i for i, s in enumerate(cfgmod.SPLITS)}
+T_MAX_SIGMA = 9.0  # microstrain quadrature nodes lie within +-9 standard deviations
+FINE_MARGIN_POINTS = 16  # B-spline coefficients near the fine-grid edges feel the boundary; stay clear of them
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plan (driver; pure)
+# ----------------------------------------------------------------------------------------------------------------
+def split_counts(cfg: cfgmod.DatasetConfig) -> dict[str, int]:
+    """Samples per split: fractions of `samples`, rounded by largest remainder so that they sum exactly."""
+    fr = {s: getattr(cfg.splits, s) for s in cfgmod.SPLITS}
+    raw = {s: cfg.samples * f for s, f in fr.items()}
+    out = {s: int(np.floor(v)) for s, v in raw.items()}
+    rest = cfg.samples - sum(out.values())
+    for s in sorted(raw, key=lambda s: (-(raw[s] - out[s]), SPLIT_CODE[s]))[:rest]:
+        out[s] += 1
+    return out
+
+
+def plan_shards(cfg: cfgmod.DatasetConfig) -> list[dict]:
+    """Every shard of the dataset: split, index, first sample index within the split, rows."""
+    shards = []
+    for split, n in split_counts(cfg).items():
+        for i, start in enumerate(range(0, n, cfg.shard_size)):
+            shards.append({"split": split, "index": i, "start": start, "rows": min(cfg.shard_size, n - start)})
+    return shards
+
+
+def family_specs(cfg: cfgmod.DatasetConfig) -> list[dict]:
+    """One spec per structure variant (material, shape, surface, centring seed) with its size ladder."""
+    v, lad = cfg.variants, cfg.ladder
+    out = []
+    for shape in v.shapes:
+        for surface in v.surfaces:
+            for seed in v.centre_seeds:
+                out.append({"format": FAMILY_FORMAT, "material": v.material.lower(), "a_angstrom": v.a_angstrom,
+                            "shape": shape, "surface": surface,
+                            "anion_removal": v.anion_removal if surface == "cation_rich" else 0.0,
+                            "centre": v.centre, "centre_seed": seed if v.centre == "random" else 0,
+                            "ladder_min_nm": lad.min_nm, "ladder_max_nm": lad.max_nm,
+                            "ladder_relative_step": lad.relative_step})
+    # identical specs (e.g. several seeds with centre = atom) build one family
+    uniq = {cfgmod.content_hash(s): s for s in out}
+    return [dict(s, family_id=k) for k, s in uniq.items()]
+
+
+@dataclass(frozen=True)
+class FineGrid:
+    """Uniform grid on which the unstrained pair sums are tabulated (covers every strained evaluation point)."""
+
+    q0: float
+    step: float
+    n: int
+
+    @property
+    def q(self) -> np.ndarray:
+        return self.q0 + self.step * np.arange(self.n)
+
+    def key(self) -> str:
+        return cfgmod.content_hash({"format": TABLE_FORMAT, "q0": round(self.q0, 12), "step": self.step,
+                                    "n": self.n})
+
+
+def fine_grid(cfg: cfgmod.DatasetConfig) -> FineGrid:
+    """Fine grid covering Q (1 + strain)(1 + t sigma) for every strain, microstrain and quadrature node."""
+    h = cfg.compose.fine_step_inv_angstrom
+    s = cfg.nuisance.lattice_rel_range
+    sig = cfg.nuisance.microstrain_pct[1] / 100.0
+    lo = cfg.q.min_inv_angstrom * (1 - s) * (1 - T_MAX_SIGMA * sig) - FINE_MARGIN_POINTS * h
+    hi = cfg.q.max_inv_angstrom * (1 + s) * (1 + T_MAX_SIGMA * sig) + FINE_MARGIN_POINTS * h
+    lo = max(lo, h)
+    lo = np.floor(lo / h) * h
+    return FineGrid(float(lo), float(h), int(np.ceil((hi - lo) / h)) + 1)
+
+
+def model_q(cfg: cfgmod.DatasetConfig) -> np.ndarray:
+    return scattering.q_grid(cfg.q.min_inv_angstrom, cfg.q.max_inv_angstrom, cfg.q.step_inv_angstrom)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Families: ladders of clusters, their exact pair statistics, and fine-grid spline tables (cached by content hash)
+# ----------------------------------------------------------------------------------------------------------------
+def build_family(spec: dict) -> debye.PairStatistics:
+    """Exact pair statistics of one variant's ladder, sorted by diameter, with strictly increasing diameters."""
+    xt = crystal.material(spec["material"], spec["a_angstrom"])
+    n = max(2, int(np.ceil(np.log(spec["ladder_max_nm"] / spec["ladder_min_nm"]) / spec["ladder_relative_step"])) + 1)
+    targets = cluster.ladder_diameters(spec["ladder_min_nm"], spec["ladder_max_nm"], n)
+    ladder = cluster.cut_ladder(xt, spec["shape"], targets, surface=spec["surface"],
+                                anion_removal=spec["anion_removal"] or 0.5, centre=spec["centre"],
+                                seed=spec["centre_seed"])
+    st = debye.lattice_statistics(ladder)
+    d = st.diameters_nm
+    order = np.argsort(d, kind="stable")
+    keep, last = [], -np.inf
+    for k in order:  # surfaces can make two shells equal in atom count: keep the first of equal diameters
+        if d[k] > last * (1 + 1e-9):
+            keep.append(k)
+            last = d[k]
+    keep = np.array(keep)
+    return debye.PairStatistics(st.species, st.distances_angstrom, st.pair_counts[keep], st.atom_counts[keep],
+                                d[keep], st.exact)
+
+
+def family_tables(stats: debye.PairStatistics, fine: FineGrid) -> dict:
+    """Cubic B-spline coefficients of every cluster's unstrained pair sums on the fine grid, plus what composing
+    needs: atom counts, diameters and the largest pair distance of each cluster."""
+    from scipy.ndimage import spline_filter1d
+
+    s = debye.sinc_sums(fine.q, stats.distances_angstrom, stats.pair_counts)  # (K, P, F)
+    coef = spline_filter1d(s, order=3, axis=-1, mode="mirror").astype(np.float32)
+    present = stats.pair_counts.sum(axis=1) > 0  # (K, R)
+    rmax = np.array([stats.distances_angstrom[m].max() if m.any() else 0.0 for m in present])
+    return {"coef": coef.reshape(stats.n_clusters, -1), "n_pairs": len(stats.pairs), "n_fine": fine.n,
+            "atoms": stats.atom_counts.astype(np.float64), "diameters_nm": stats.diameters_nm.astype(np.float64),
+            "rmax_angstrom": rmax, "species": list(stats.species)}
+
+
+def cache_dir() -> Path:
+    from qdsize.platform.workspace import home
+
+    return home() / "cache"
+
+
+def get_family(spec: dict, fine: FineGrid, cache: str | Path) -> dict:
+    """Tables of one family: from the cache when present, else built (and cached). Safe under concurrency."""
+    from threadpoolctl import threadpool_limits
+
+    cache = Path(cache)
+    (cache / "families").mkdir(parents=True, exist_ok=True)
+    (cache / "tables").mkdir(parents=True, exist_ok=True)
+    fid = spec["family_id"]
+    tpath = cache / "tables" / f"{fid}-{fine.key()}.npz"
+    t0 = time.perf_counter()
+    built = "cached"
+    if tpath.is_file():
+        with np.load(tpath, allow_pickle=False) as z:
+            tab = {k: z[k] for k in z.files}
+        tab["species"] = [str(x) for x in tab["species"]]
+        tab["n_pairs"], tab["n_fine"] = int(tab["n_pairs"]), int(tab["n_fine"])
+    else:
+        with threadpool_limits(1):  # one thread: identical tables whatever the machine's thread count
+            spath = cache / "families" / f"{fid}.npz"
+            if spath.is_file():
+                stats = debye.PairStatistics.load(spath)
+                built = "tables"
+            else:
+                stats = build_family(spec)
+                stats.save(spath)
+                (cache / "families" / f"{fid}.json").write_text(json.dumps(spec, indent=1))
+                built = "built"
+            tab = family_tables(stats, fine)
+        tmp = tpath.with_name(f".{tpath.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, **{k: np.asarray(v) for k, v in tab.items()})
+        os.replace(tmp, tpath)
+    tab["family_id"] = fid
+    tab["status"] = built
+    tab["seconds"] = time.perf_counter() - t0
+    return tab
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gaussian microstrain quadrature: the cheapest rule that integrates cos(x t), t ~ N(0, 1), to `tol` for each x
+# ----------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=8)
+def quadrature_rules(tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pareto set of symmetric rules (nodes t, weights) for E[g(t)], t ~ N(0,1): Gauss-Hermite for small x = Q r
+    sigma, Gaussian-weighted uniform (trapezoid) rules for large x, whose aliasing error falls fastest.
+
+    Returns (nodes (R, M), weights (R, M), counts (R,), x_ok (R,)): rule r integrates cos(x t) to `tol` for every
+    x <= x_ok[r]; rule 0 is the single node t = 0 (no microstrain).
+    """
+    xs = np.linspace(0.0, 60.0, 1201)
+    target = np.exp(-xs**2 / 2)
+
+    def x_ok(t, w):
+        err = np.abs(np.cos(np.outer(xs, t)) @ w - target)
+        badx = np.flatnonzero(err > tol)
+        return xs[badx[0] - 1] if len(badx) else xs[-1]
+
+    cands = [(np.zeros(1), np.ones(1))]
+    for n in range(2, 41):
+        x, w = np.polynomial.hermite.hermgauss(n)
+        t, w = np.sqrt(2.0) * x, w / np.sqrt(np.pi)
+        keep = w > 1e-15
+        cands.append((t[keep], w[keep] / w[keep].sum()))
+    for n in range(5, 121, 2):
+        best = None
+        for half in np.linspace(4.5, 8.5, 9):
+            t = np.linspace(-half, half, n)
+            w = np.exp(-t**2 / 2)
+            w /= w.sum()
+            xo = x_ok(t, w)
+            if best is None or xo > best[0]:
+                best = (xo, t, w)
+        cands.append((best[1], best[2]))
+    rules = []
+    for t, w in cands:
+        if np.max(np.abs(t)) > T_MAX_SIGMA + 1e-9:
+            continue
+        rules.append((len(t), x_ok(t, w) if len(t) > 1 else np.sqrt(2 * tol), t, w))
+    rules.sort(key=lambda r: (r[0], -r[1]))
+    pareto, best_x = [], -1.0
+    for r in rules:
+        if r[1] > best_x + 1e-12:
+            pareto.append(r)
+            best_x = r[1]
+    m = max(r[0] for r in pareto)
+    nodes = np.zeros((len(pareto), m))
+    weights = np.zeros((len(pareto), m))
+    for i, (n, _, t, w) in enumerate(pareto):
+        nodes[i, :n], weights[i, :n] = t, w
+    return nodes, weights, np.array([r[0] for r in pareto], dtype=np.int64), np.array([r[1] for r in pareto])
+
+
+@numba.njit(cache=True, fastmath=True)
+def _compose_kernel(coef, n_pairs, q, scale, sigma, rmax, energy_idx, b_iso, atoms, ff_self, ff_pair, pair_s,
+                    pair_t, rule_t, rule_w, rule_n, rule_x, q0, h, out):
+    """I(Q) per sample: self terms + sum_p c_p(Q) T_s T_t <S_p(Q (1+strain)(1+eps))>_eps from B-spline tables.
+
+    `coef` (n, P * F) holds each sample's weighted B-spline coefficients, pair-major. For every Q the cheapest
+    quadrature rule that resolves x = Q r_max sigma is used (rules are ordered by cost and reach).
+    """
+    n_b = coef.shape[0]
+    n_f = coef.shape[1] // n_pairs
+    n_q = q.shape[0]
+    n_s = atoms.shape[1]
+    n_rules = rule_n.shape[0]
+    acc = np.zeros(8)
+    tdw = np.zeros(n_s)
+    inv16pi2 = 1.0 / (16.0 * np.pi * np.pi)
+    inv_h = 1.0 / h
+    for b in range(n_b):
+        e = energy_idx[b]
+        r = 0
+        sig = sigma[b]
+        reach = scale[b] * rmax[b] * sig
+        for i in range(n_q):
+            qi = q[i]
+            qs = qi * scale[b]
+            if sig > 0.0:
+                while r < n_rules - 1 and rule_x[r] < qi * reach:
+                    r += 1
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            for p in range(3, n_pairs):
+                acc[p] = 0.0
+            for j in range(rule_n[r]):
+                tq = (qs * (1.0 + sig * rule_t[r, j]) - q0) * inv_h
+                i0 = int(tq)
+                if i0 < 1:
+                    i0 = 1
+                if i0 > n_f - 3:
+                    i0 = n_f - 3
+                u = tq - i0
+                um = 1.0 - u
+                u2 = u * u
+                u3 = u2 * u
+                wj = rule_w[r, j] * (1.0 / 6.0)
+                w0 = wj * um * um * um
+                w1 = wj * (3.0 * u3 - 6.0 * u2 + 4.0)
+                w2 = wj * (-3.0 * u3 + 3.0 * u2 + 3.0 * u + 1.0)
+                w3 = wj * u3
+                o = i0
+                a0 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
+                if n_pairs > 1:
+                    o += n_f
+                    a1 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
+                if n_pairs > 2:
+                    o += n_f
+                    a2 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
+                for p in range(3, n_pairs):
+                    o += n_f
+                    acc[p] += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
+            acc[0] = a0
+            acc[1] = a1
+            acc[2] = a2
+            q2 = qi * qi * inv16pi2
+            total = 0.0
+            for s in range(n_s):
+                total += atoms[b, s] * ff_self[e, s, i]
+                tdw[s] = np.exp(-b_iso[b, s] * q2)
+            for p in range(n_pairs):
+                total += ff_pair[e, p, i] * tdw[pair_s[p]] * tdw[pair_t[p]] * acc[p]
+            out[b, i] = total
+
+
+def ladder_weights_batch(diameters_nm: np.ndarray, mean_nm: np.ndarray, dispersion_pct: np.ndarray) -> np.ndarray:
+    """`distribution.ladder_weights` for many (mean, dispersion) pairs on one ladder at once, shape (n, K).
+
+    Same hat-function integrals of the number-weighted lognormal (tests check equality with the scalar version).
+    """
+    from scipy.special import ndtr
+
+    d = np.asarray(diameters_nm, dtype=np.float64)
+    m = np.asarray(mean_nm, dtype=np.float64)
+    c = np.asarray(dispersion_pct, dtype=np.float64)
+    if np.any(m < d[0]) or np.any(m > d[-1]):
+        i = int(np.flatnonzero((m < d[0]) | (m > d[-1]))[0])
+        raise bad("mean_diameter_nm", float(m[i]), f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")
+    n, k = m.size, d.size
+    w = np.zeros((n, k))
+    zero = c == 0
+    if np.any(zero):
+        mz = m[zero]
+        j = np.minimum(np.searchsorted(d, mz, side="right") - 1, k - 2)
+        t = (mz - d[j]) / (d[j + 1] - d[j])
+        rows = np.flatnonzero(zero)
+        w[rows, j] = 1.0 - t
+        w[rows, j + 1] += t
+    pos = ~zero
+    if np.any(pos):
+        s2 = np.log1p((c[pos] / 100.0) ** 2)
+        mu = np.log(m[pos]) - s2 / 2.0
+        s = np.sqrt(s2)
+        z = (np.log(d)[None, :] - mu[:, None]) / s[:, None]
+        cdf = ndtr(z)
+        cdf_m = np.exp(mu + s2 / 2.0)[:, None] * ndtr(z - s[:, None])
+        p = np.diff(cdf, axis=1)
+        mm = np.diff(cdf_m, axis=1)
+        h = np.diff(d)[None, :]
+        wp = np.zeros((pos.sum(), k))
+        wp[:, :-1] += (d[None, 1:] * p - mm) / h
+        wp[:, 1:] += (mm - d[None, :-1] * p) / h
+        wp[:, 0] += cdf[:, 0]
+        wp[:, -1] += 1.0 - cdf[:, -1]
+        wp = np.clip(wp, 0.0, None)
+        w[pos] = wp / wp.sum(axis=1, keepdims=True)
+    return w
+
+
+@functools.lru_cache(maxsize=16)
+def _form_factor_tables(species: tuple[str, ...], q_key: tuple, energies: tuple[float, ...]):
+    """|f_s|^2 (E, S, Q) and 2 Re(f_s f_t*) (E, P, Q) per energy."""
+    q = np.asarray(q_key)
+    n = len(species)
+    pairs = [(s, t) for s in range(n) for t in range(s, n)]
+    ff_self = np.zeros((len(energies), n, q.size))
+    ff_pair = np.zeros((len(energies), len(pairs), q.size))
+    for e, kev in enumerate(energies):
+        f = scattering.form_factors(species, q, kev)
+        ff_self[e] = np.abs(f) ** 2
+        for p, (s, t) in enumerate(pairs):
+            ff_pair[e, p] = 2.0 * np.real(f[s] * np.conj(f[t]))
+    return ff_self, ff_pair, np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+def compose_family(tab: dict, q: np.ndarray, weights: np.ndarray, strain: np.ndarray, microstrain_pct: np.ndarray,
+                   b_iso: np.ndarray, energy_idx: np.ndarray, energies: tuple[float, ...], tol: float = 1e-5,
+                   batch: int = 512) -> np.ndarray:
+    """Patterns (n, n_Q) float64 of n samples of one family: ladder weights (n, K), strain, microstrain (%),
+    B per species (n, S) and energy index per sample; electron units per particle (weights sum to one)."""
+    q = np.ascontiguousarray(q, dtype=np.float64)
+    species = tuple(tab["species"])
+    ff_self, ff_pair, ps, pt = _form_factor_tables(species, tuple(q.tolist()), tuple(energies))
+    nodes, wts, counts, xok = quadrature_rules(tol)
+    n = weights.shape[0]
+    out = np.zeros((n, q.size))
+    fine_q0 = float(tab["fine_q0"])
+    fine_h = float(tab["fine_step"])
+    atoms_k = tab["atoms"]
+    rmax_k = tab["rmax_angstrom"]
+    big = atoms_k.sum(axis=1) ** 2
+    for a in range(0, n, batch):
+        sl = slice(a, min(n, a + batch))
+        w = weights[sl]
+        coef = w.astype(np.float32) @ tab["coef"]  # (b, P*F)
+        # the quadrature must resolve every cluster that carries intensity: largest pair distance among them
+        inten = w * big[None, :]
+        sig_k = inten >= 1e-7 * inten.max(axis=1, keepdims=True)
+        rmax = np.where(sig_k, rmax_k[None, :], 0.0).max(axis=1)
+        _compose_kernel(coef, int(tab["n_pairs"]), q, 1.0 + strain[sl], microstrain_pct[sl] / 100.0, rmax,
+                        energy_idx[sl].astype(np.int64), np.ascontiguousarray(b_iso[sl], dtype=np.float64),
+                        w @ atoms_k, ff_self, ff_pair, ps, pt, nodes, wts, counts, xok, fine_q0, fine_h, out[sl])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shards: draw labels and nuisances, compose, augment (frozen splits), write
+# ----------------------------------------------------------------------------------------------------------------
+def shard_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(entropy=seed, spawn_key=(SPLIT_CODE[split], index, stream)))
+
+
+def class_of(values: np.ndarray, edges: list[float]) -> np.ndarray:
+    """Class index of each value for bins [e0, e1), ..., [e_{n-1}, e_n] (values outside go to the end bins)."""
+    return np.clip(np.searchsorted(np.asarray(edges), values, side="right") - 1, 0, len(edges) - 2).astype(np.int16)
+
+
+def draw_samples(cfg: cfgmod.DatasetConfig, shard: dict, n_families: int) -> dict[str, np.ndarray]:
+    """Requested labels and nuisance parameters of one shard's samples (deterministic in seed, split, shard).
+
+    Labels: every (size class, dispersion class) cell in turn over the split's sample index, so classes are
+    equally represented, uniform inside each class; `seedgrid` cycles through its grid instead.
+    """
+    rng = shard_rng(cfg.seed, shard["split"], shard["index"])
+    n = shard["rows"]
+    g = np.arange(shard["start"], shard["start"] + n)
+    if shard["split"] == "seedgrid":
+        means, disps = cfg.seedgrid.means_nm, cfg.seedgrid.dispersions_pct
+        cell = g % (len(means) * len(disps))
+        mean = np.asarray(means)[cell % len(means)]
+        disp = np.asarray(disps, dtype=np.float64)[cell // len(means)]
+    else:
+        se, de = cfg.sizes.edges_nm, cfg.dispersion.class_edges_pct
+        ns, nd = len(se) - 1, len(de) - 1
+        cell = g % (ns * nd)
+        sc, dc = cell % ns, cell // ns
+        mean = np.asarray(se)[sc] + rng.random(n) * np.diff(se)[sc]
+        disp = np.asarray(de)[dc] + rng.random(n) * np.diff(de)[dc]
+    order = rng.permutation(n)
+    mean, disp = mean[order], disp[order]
+    nu = cfg.nuisance
+    rel = nu.lattice_rel_range
+    a = cfg.variants.a_angstrom * (1.0 + rng.uniform(-rel, rel, n))
+    species = cfg.species
+    b = np.stack([rng.uniform(*nu.b_iso_angstrom2[s], n) for s in species], axis=1)
+    return {"sample_index": g, "requested_mean_diameter_nm": mean, "requested_dispersion_pct": disp,
+            "family": rng.integers(0, n_families, n), "a_angstrom": a,
+            "strain": a / cfg.variants.a_angstrom - 1.0,
+            "microstrain_pct": rng.uniform(nu.microstrain_pct[0], nu.microstrain_pct[1], n),
+            "b_iso": b, "energy_idx": rng.integers(0, len(nu.energies_kev), n)}
+
+
+def compose_shard(cfg: cfgmod.DatasetConfig, shard: dict, families: list[dict], specs: list[dict],
+                  q: np.ndarray) -> tuple[dict, dict]:
+    """Columns and pattern matrices of one shard (pure: same inputs, same bytes)."""
+    d = draw_samples(cfg, shard, len(families))
+    n = shard["rows"]
+    species = cfg.species
+    energies = tuple(cfg.nuisance.energies_kev)
+    pat = np.zeros((n, q.size))
+    mean_r, disp_r, atoms, n_used = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n, dtype=np.int32)
+    for f, tab in enumerate(families):
+        idx = np.flatnonzero(d["family"] == f)
+        if idx.size == 0:
+            continue
+        dk = tab["diameters_nm"]
+        w = ladder_weights_batch(dk, d["requested_mean_diameter_nm"][idx], d["requested_dispersion_pct"][idx])
+        m = w @ dk
+        mean_r[idx] = m
+        disp_r[idx] = 100.0 * np.sqrt(np.maximum(w @ dk**2 - m**2, 0.0)) / m
+        atoms[idx] = w @ tab["atoms"].sum(axis=1)
+        n_used[idx] = np.count_nonzero(w > 1e-12, axis=1)
+        pat[idx] = compose_family(tab, q, w, d["strain"][idx], d["microstrain_pct"][idx], d["b_iso"][idx],
+                                  d["energy_idx"][idx], energies, cfg.compose.quadrature_tol, cfg.compose.batch)
+    fam = d["family"]
+    en = np.asarray(energies)[d["energy_idx"]]
+    cols = {"sample_index": d["sample_index"].astype(np.int64),
+            "mean_diameter_nm": mean_r, "size_dispersion_pct": disp_r,
+            "size_class": class_of(mean_r, cfg.sizes.edges_nm),
+            "dispersion_class": class_of(disp_r, cfg.dispersion.class_edges_pct),
+            "requested_mean_diameter_nm": d["requested_mean_diameter_nm"],
+            "requested_dispersion_pct": d["requested_dispersion_pct"],
+            "family_id": np.array([specs[i]["family_id"] for i in fam], dtype=object),
+            "material": np.array([specs[i]["material"] for i in fam], dtype=object),
+            "shape": np.array([specs[i]["shape"] for i in fam], dtype=object),
+            "surface": np.array([specs[i]["surface"] for i in fam], dtype=object),
+            "anion_removal": np.array([specs[i]["anion_removal"] for i in fam], dtype=np.float64),
+            "centre": np.array([specs[i]["centre"] for i in fam], dtype=object),
+            "centre_seed": np.array([specs[i]["centre_seed"] for i in fam], dtype=np.int64),
+            "a_angstrom": d["a_angstrom"], "strain": d["strain"], "microstrain_pct": d["microstrain_pct"]}
+    for s, el in enumerate(species):
+        cols[f"b_iso_{el.lower()}_angstrom2"] = d["b_iso"][:, s]
+    cols.update({"energy_kev": en, "wavelength_angstrom": scattering.HC_KEV_ANGSTROM / en,
+                 "mean_atoms_per_particle": atoms, "n_ladder_sizes": n_used})
+    patterns = {"pattern": pat.astype(np.float32)}
+    if shard["split"] in cfgmod.FROZEN_SPLITS:
+        patterns = {"pattern": augment_frozen(cfg, shard, q, patterns["pattern"]),
+                    "pattern_clean": patterns["pattern"]}
+        cols["augment_preset"] = np.array([cfg.augment.preset] * n, dtype=object)
+    return cols, patterns
+
+
+@functools.lru_cache(maxsize=4)
+def _augmenter(preset: str, q_key: tuple):
+    """The colleague's augmenter (qdsize.sim.augment) for a preset name or YAML path, on this Q grid."""
+    try:
+        from qdsize.sim import augment
+    except ImportError as exc:
+        raise InputError(f"augment.preset = {preset!r}: qdsize.sim.augment is not available ({exc}); "
+                         "expected the augmentation module for the frozen splits") from None
+    return augment.build(preset, np.asarray(q_key))
+
+
+def augment_frozen(cfg: cfgmod.DatasetConfig, shard: dict, q: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Realistic augmentation of a frozen split's shard with a torch generator seeded per (split, shard)."""
+    import torch
+
+    torch.set_num_threads(1)
+    aug = _augmenter(cfg.augment.preset, tuple(np.asarray(q).tolist()))
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(
+        entropy=cfg.augment.seed, spawn_key=(SPLIT_CODE[shard["split"]], shard["index"])).generate_state(1)[0]))
+    with torch.no_grad():
+        out = aug(torch.from_numpy(np.array(clean, dtype=np.float32)), gen)
+    return np.ascontiguousarray(out.detach().cpu().numpy(), dtype=np.float32)
+
+
+def make_shard(cfg: cfgmod.DatasetConfig, config_hash: str, shard: dict, families: list[dict], specs: list[dict],
+               out: str | Path) -> dict:
+    """Compose one shard and write it atomically; return its manifest record (with timings and node)."""
+    from threadpoolctl import threadpool_limits
+
+    q = model_q(cfg)
+    t0 = time.perf_counter()
+    with threadpool_limits(1):
+        cols, pats = compose_shard(cfg, shard, families, specs, q)
+    t1 = time.perf_counter()
+    table = ds.shard_table(cols, pats, q, config_hash, shard["split"], shard["index"])
+    rec = ds.write_shard(table, out, shard["split"], shard["index"])
+    t2 = time.perf_counter()
+    rec.update({"compose_s": t1 - t0, "write_s": t2 - t1, "pid": os.getpid()})
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray glue (thin): family actors, shard tasks, embedded or cluster Ray
+# ----------------------------------------------------------------------------------------------------------------
+def init_ray(address: str | None = None, workers: int | None = None) -> bool:
+    """Connect to `address` / RAY_ADDRESS, or start an embedded single-node Ray bound to loopback.
+
+    Returns True when this call started Ray (the caller shuts it down)."""
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if not address:
+        # loopback only, nothing listens on other interfaces; Ray reads this when it is imported
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False)
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _ray_remotes():
+    import ray
+
+    @ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)
+    class FamilyActor:
+        """Builds (or loads from the cache) size families; one family per call."""
+
+        def get(self, spec: dict, fine: FineGrid, cache: str) -> dict:
+            tab = get_family(spec, fine, cache)
+            tab["fine_q0"], tab["fine_step"] = fine.q0, fine.step
+            tab["node_ip"] = ray.util.get_node_ip_address()
+            return tab
+
+    @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False)
+    def shard_task(cfg, config_hash, shard, specs, out, *families):
+        rec = make_shard(cfg, config_hash, shard, list(families), specs, out)
+        ctx = ray.get_runtime_context()
+        rec.update({"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()})
+        return rec
+
+    return FamilyActor, shard_task
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------------------
+def _progress(console, disable: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task):
+            sp = task.finished_speed or task.speed
+            return Text(f"{sp:,.0f} {task.fields.get('unit', 'patterns')}/s" if sp else "-", style="cyan")
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=disable)
+
+
+def new_manifest(loaded: cfgmod.Loaded, specs: list[dict], fine: FineGrid, q: np.ndarray, plan: list[dict]) -> dict:
+    cfg = loaded.config.dataset
+    per_split = {}
+    for sh in plan:
+        p = per_split.setdefault(sh["split"], {"rows": 0, "shards": 0})
+        p["rows"] += sh["rows"]
+        p["shards"] += 1
+    return {"format": ds.FORMAT, "name": cfg.name, "status": "running", "config_hash": loaded.hash,
+            "config": loaded.resolved, "config_source": loaded.source, "seed": cfg.seed,
+            "versions": ds.package_versions(),
+            "q_inv_angstrom": [float(x) for x in q],
+            "labels": {"size_class_edges_nm": cfg.sizes.edges_nm,
+                       "dispersion_class_edges_pct": cfg.dispersion.class_edges_pct,
+                       "seedgrid_means_nm": cfg.seedgrid.means_nm,
+                       "seedgrid_dispersions_pct": cfg.seedgrid.dispersions_pct},
+            "columns_units": {"pattern": "I(Q), electron units per particle, float32 on the Q grid",
+                              "mean_diameter_nm": "realised number-weighted mean equal-volume diameter",
+                              "size_dispersion_pct": "realised std / mean of diameters, %"},
+            "families": [{"family_id": s["family_id"], "shape": s["shape"], "surface": s["surface"],
+                          "centre": s["centre"], "centre_seed": s["centre_seed"], "material": s["material"]}
+                         for s in specs],
+            "fine_grid": {"q0": fine.q0, "step": fine.step, "n": fine.n},
+            "plan": per_split, "shards": [], "runs": []}
+
+
+def run(loaded: cfgmod.Loaded, out: str | Path, *, address: str | None = None, workers: int | None = None,
+        overwrite: bool = False, use_ray: bool = True, console=None, quiet: bool = False) -> dict:
+    """Simulate (or complete) the dataset of a validated config into `out`; return the final manifest.
+
+    Shards already complete on disk are kept as they are; the rest are composed by Ray tasks (or in this
+    process with use_ray=False), at most `workers` at a time when given.
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True, quiet=quiet)
+    cfg = loaded.config.dataset
+    out = Path(out).expanduser().resolve()
+    cache = cache_dir()
+    plan = plan_shards(cfg)
+    specs = family_specs(cfg)
+    fine = fine_grid(cfg)
+    q = model_q(cfg)
+    t_start = time.perf_counter()
+
+    old = ds.prepare_output(out, loaded.hash, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    ds.remove_temporaries(out)
+    done = ds.verify_existing(out, plan, loaded.hash, old)
+    manifest = new_manifest(loaded, specs, fine, q, plan)
+    if old is not None:
+        manifest["runs"] = old.get("runs", [])
+    records = dict(done)
+    todo = [sh for sh in plan if (sh["split"], sh["index"]) not in done]
+
+    def save(status):
+        manifest["status"] = status
+        manifest["shards"] = [records[k] for k in sorted(records, key=lambda k: (SPLIT_CODE[k[0]], k[1]))]
+        ds.write_manifest(out, manifest)
+
+    save("running" if todo else "complete")
+    run_info = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kept_shards": len(done),
+                "written_shards": 0, "written_rows": 0, "families_s": 0.0, "shards_s": 0.0,
+                "compose_s": 0.0, "write_s": 0.0, "workers": workers, "ray": use_ray}
+    started_ray = False
+    try:
+        if todo:
+            if use_ray:
+                import ray
+
+                started_ray = init_ray(address, workers)
+                run_info["ray_nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
+            with _progress(console, quiet) as prog:
+                t0 = time.perf_counter()
+                families, status = _families(specs, fine, cache, use_ray, workers, prog)
+                run_info["families_s"] = time.perf_counter() - t0
+                run_info["families_built"] = sum(s != "cached" for s in status)
+                t0 = time.perf_counter()
+                last_save = 0.0
+                for rec in _shards(cfg, loaded.hash, todo, families, specs, out, use_ray, workers, prog):
+                    records[(rec["split"], rec["index"])] = rec
+                    run_info["written_shards"] += 1
+                    run_info["written_rows"] += rec["rows"]
+                    run_info["compose_s"] += rec.pop("compose_s")
+                    run_info["write_s"] += rec.pop("write_s")
+                    rec.pop("pid", None)
+                    if time.perf_counter() - last_save > 2.0:
+                        save("running")
+                        last_save = time.perf_counter()
+                run_info["shards_s"] = time.perf_counter() - t0
+        ds.remove_temporaries(out)
+        run_info["total_s"] = time.perf_counter() - t_start
+        manifest["runs"].append(run_info)
+        save("complete" if len(records) == len(plan) else "running")
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    _summary(console, manifest, run_info)
+    return manifest
+
+
+def _families(specs, fine, cache, use_ray, workers, prog):
+    """Family tables in spec order: Ray actors build/load them (as object refs), or this process does."""
+    task = prog.add_task("size families", total=len(specs), unit="families")
+    if not use_ray:
+        out = []
+        for s in specs:
+            tab = get_family(s, fine, cache)
+            tab["fine_q0"], tab["fine_step"] = fine.q0, fine.step
+            out.append(tab)
+            prog.advance(task)
+        return out, [t["status"] for t in out]
+    import ray
+
+    actor_cls, _ = _ray_remotes()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    n_act = max(1, min(len(specs), workers or cpus, cpus))
+    actors = [actor_cls.remote() for _ in range(n_act)]
+    refs = [actors[i % n_act].get.remote(s, fine, str(cache)) for i, s in enumerate(specs)]
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        prog.advance(task, len(ready))
+    status = [t["status"] for t in ray.get(refs)]  # surfaces build errors here
+    for a in actors:
+        ray.kill(a)
+    return refs, status
+
+
+def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog):
+    """Yield shard records as shards complete (at most `workers` in flight with Ray)."""
+    task = prog.add_task("patterns", total=sum(s["rows"] for s in todo), unit="patterns")
+    if not use_ray:
+        for sh in todo:
+            rec = make_shard(cfg, config_hash, sh, families, specs, out)
+            prog.advance(task, sh["rows"])
+            yield rec
+        return
+    import ray
+
+    _, shard_task = _ray_remotes()
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    limit = max(1, workers if workers else 2 * cpus)
+    cfg_ref, specs_ref = ray.put(cfg), ray.put(specs)
+    queue = list(todo)
+    running = {}
+    while queue or running:
+        while queue and len(running) < limit:
+            sh = queue.pop(0)
+            running[shard_task.remote(cfg_ref, config_hash, sh, specs_ref, str(out), *families)] = sh
+        ready, _ = ray.wait(list(running), num_returns=1)
+        for ref in ready:
+            sh = running.pop(ref)
+            rec = ray.get(ref)
+            prog.advance(task, sh["rows"])
+            yield rec
+
+
+def _summary(console, manifest: dict, run_info: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"dataset {manifest['name']} ({manifest['config_hash']}): {manifest['status']}")
+    for c in ("split", "shards", "rows", "MB", "bytes/pattern", "nodes"):
+        t.add_column(c, justify="right" if c not in ("split", "nodes") else "left")
+    for r in ds.summary_rows(manifest):
+        t.add_row(r["split"], str(r["shards"]), f"{r['rows']:,}", f"{r['bytes'] / 1e6:.1f}",
+                  f"{r['bytes_per_pattern']:,.0f}", ", ".join(r["nodes"]) or "-")
+    console.print(t)
+    rate = run_info["written_rows"] / run_info["shards_s"] if run_info.get("shards_s") else 0.0
+    console.print(f"written {run_info['written_shards']} shards ({run_info['written_rows']:,} patterns), kept "
+                  f"{run_info['kept_shards']}; families {run_info['families_s']:.1f} s, shards "
+                  f"{run_info['shards_s']:.1f} s ({rate:,.0f} patterns/s), total {run_info['total_s']:.1f} s")
