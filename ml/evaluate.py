@@ -66,12 +66,13 @@ def gaussian_nll(mean, std, target) -> float:
     return float(np.mean(0.5 * (np.log(2 * np.pi * var) + (np.asarray(target) - mean) ** 2 / var)))
 
 
-def metrics(pred: dict, mean_diameter_nm, dispersion_pct, size_class=None, dispersion_class=None) -> dict:
+def metrics(pred: dict, mean_diameter_nm, dispersion_pct, size_class=None, dispersion_class=None, *,
+            size_edges_nm=SIZE_EDGES_NM, dispersion_edges_pct=DISPERSION_EDGES_PCT) -> dict:
     """Every score of one split, keyed without prefix (the caller adds `benchmark_` and so on)."""
     d = np.asarray(mean_diameter_nm, dtype=np.float64)
     s = np.asarray(dispersion_pct, dtype=np.float64)
-    sc = class_of(d, SIZE_EDGES_NM) if size_class is None else np.asarray(size_class)
-    dc = class_of(s, DISPERSION_EDGES_PCT) if dispersion_class is None else np.asarray(dispersion_class)
+    sc = class_of(d, size_edges_nm) if size_class is None else np.asarray(size_class)
+    dc = class_of(s, dispersion_edges_pct) if dispersion_class is None else np.asarray(dispersion_class)
     size_ok = pred["size_probs"].argmax(1) == sc
     disp_ok = pred["dispersion_probs"].argmax(1) == dc
     d_err = np.abs(pred["mean_diameter"] - d)

@@ -1,6 +1,5 @@
 """The network: shapes, scale invariance, masks, class-activation maps, a tiny batch overfitted."""
 
-import numpy as np
 import pytest
 import torch
 

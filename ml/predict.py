@@ -1,0 +1,141 @@
+"""Prediction: a saved network (weights, architecture, Q grid, classes) that sizes patterns, and its MLflow pyfunc."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qdsize.sim.errors import InputError
+
+from . import evaluate
+from .model import ModelConfig, QDNet
+
+WEIGHTS = "weights.pt"
+CARD = "model.json"
+
+
+@dataclass
+class Predictor:
+    """A network with everything needed to read its outputs: the Q grid it was trained on and the class edges."""
+
+    model: QDNet
+    q_inv_angstrom: np.ndarray
+    size_edges_nm: list = field(default_factory=lambda: list(evaluate.SIZE_EDGES_NM))
+    dispersion_edges_pct: list = field(default_factory=lambda: list(evaluate.DISPERSION_EDGES_PCT))
+    model_uri: str = ""
+    card: dict = field(default_factory=dict)
+
+    # ---- persistence: plain tensors (loaded with weights_only=True) and JSON, never pickled code
+    def save(self, folder: str | Path, card: dict | None = None) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().cpu() for k, v in self.model.state_dict().items()}, folder / WEIGHTS)
+        meta = {"architecture": self.model.config.to_dict(), "q_inv_angstrom": np.asarray(self.q_inv_angstrom).tolist(),
+                "size_edges_nm": list(self.size_edges_nm), "dispersion_edges_pct": list(self.dispersion_edges_pct),
+                **(card or self.card)}
+        (folder / CARD).write_text(json.dumps(meta, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model_uri: str = "") -> "Predictor":
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / CARD).read_text())
+            state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
+        except (OSError, json.JSONDecodeError, RuntimeError) as exc:
+            raise InputError(f"model = {str(folder)!r}: not a qdsize model folder ({exc})") from None
+        net = QDNet(ModelConfig(**meta["architecture"]))
+        net.load_state_dict(state)
+        net.eval()
+        card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}
+        return cls(net, np.asarray(meta["q_inv_angstrom"]), meta["size_edges_nm"], meta["dispersion_edges_pct"],
+                   model_uri or str(folder), card)
+
+    # ---- inference
+    @torch.no_grad()
+    def predict(self, intensity: np.ndarray, mask: np.ndarray | None = None) -> list[dict]:
+        """Patterns on the model grid (n, n_q); NaN or mask 0 marks points the measurement does not cover."""
+        x = np.atleast_2d(np.asarray(intensity, dtype=np.float32))
+        if x.shape[1] != len(self.q_inv_angstrom):
+            raise InputError(f"patterns: {x.shape[1]} points per pattern, expected {len(self.q_inv_angstrom)} "
+                             "(the model's Q grid)")
+        m = np.isfinite(x).astype(np.float32) if mask is None else np.asarray(mask, dtype=np.float32)
+        x = np.where(m > 0, np.nan_to_num(x), 0.0).astype(np.float32)
+        pred = evaluate.predict_arrays(self.model, x, m)
+        out = []
+        for i in range(len(x)):
+            sp, dp = pred["size_probs"][i], pred["dispersion_probs"][i]
+            si, di = int(sp.argmax()), int(dp.argmax())
+            out.append({
+                "mean_diameter_nm": float(pred["mean_diameter"][i]),
+                "mean_diameter_std_nm": float(pred["mean_diameter_std"][i]),
+                "size_dispersion_pct": float(max(pred["dispersion"][i], 0.0)),
+                "size_dispersion_std_pct": float(pred["dispersion_std"][i]),
+                "size_class": [self.size_edges_nm[si], self.size_edges_nm[si + 1]],
+                "dispersion_class": [self.dispersion_edges_pct[di], self.dispersion_edges_pct[di + 1]],
+                "size_class_probs": [round(float(p), 6) for p in sp],
+                "dispersion_class_probs": [round(float(p), 6) for p in dp],
+                "model_uri": self.model_uri,
+            })
+        return out
+
+
+try:
+    import mlflow.pyfunc
+
+    class PyfuncModel(mlflow.pyfunc.PythonModel):
+        """MLflow pyfunc: patterns on the model grid in (rows of floats, NaN where not measured), JSON fields out."""
+
+        def load_context(self, context):
+            self.predictor = Predictor.load(context.artifacts["qdsize_model"])
+
+        def predict(self, context, model_input, params=None):
+            import pandas as pd
+
+            x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
+            uri = (params or {}).get("model_uri", "") if isinstance(params, dict) else ""
+            self.predictor.model_uri = uri or self.predictor.model_uri
+            return pd.DataFrame(self.predictor.predict(np.asarray(x, dtype=np.float32)))
+except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps ml/ importable without it
+    PyfuncModel = None
+
+
+def log_pyfunc(predictor: Predictor, example: np.ndarray, name: str = "model") -> str:
+    """Log the predictor as an MLflow pyfunc with signature and input example; returns the model URI."""
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = predictor.save(Path(tmp) / "qdsize_model")
+        example = np.asarray(example, dtype=np.float32)
+        out = PyfuncModel()
+        out.predictor = predictor
+        sig = infer_signature(example, out.predict(None, example))
+        code = str(Path(__file__).with_name("pyfunc_model.py"))  # models from code: no pickled Python object
+        info = mlflow.pyfunc.log_model(name=name, python_model=code, artifacts={"qdsize_model": str(folder)},
+                                       signature=sig, input_example=example,
+                                       pip_requirements=["torch", "numpy", "pandas", "mlflow"])
+    return info.model_uri
+
+
+def load(model_uri: str) -> Predictor:
+    """A Predictor from a local folder or any MLflow model URI (models:/NAME@alias, models:/m-..., runs:/...)."""
+    p = Path(model_uri)
+    if p.is_dir():
+        return Predictor.load(p, str(p))
+    import mlflow
+
+    try:
+        wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    except Exception as exc:
+        raise InputError(f"model = {model_uri!r}: could not be loaded ({str(exc).splitlines()[0][:200]})") from None
+    if not hasattr(wrapper, "predictor"):
+        raise InputError(f"model = {model_uri!r}: not a qdsize model")
+    wrapper.predictor.model_uri = model_uri
+    return wrapper.predictor

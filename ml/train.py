@@ -1,0 +1,330 @@
+"""Train one network on a Parquet dataset, tracked in MLflow: read it top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from qdsize.sim.errors import bad
+
+from . import data, evaluate
+from .model import ModelConfig, QDNet, pick_device
+
+REGISTERED_MODEL = "qdsize-pbs"
+FROZEN_SPLITS = ("benchmark", "seedgrid")
+
+
+@dataclass
+class LossWeights:
+    size: float = 1.0
+    dispersion: float = 1.0
+    regression: float = 0.5
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs; the resolved dict is logged as the run's parameters."""
+
+    dataset: str = ".qdsize/datasets/pbs"
+    experiment: str | None = None  # default: qdsize-<dataset folder name>
+    seed: int = 0
+    device: str = "auto"
+    epochs: int = 30
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    max_train_rows: int | None = None
+    max_val_rows: int | None = 20000
+    threads: int | None = None
+    loss: LossWeights = field(default_factory=LossWeights)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: dict[str, Any] = field(default_factory=lambda: {"preset": "default"})
+    truncation: data.TruncationConfig = field(default_factory=data.TruncationConfig)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise bad(f"train.{name}", getattr(self, name), "a positive integer")
+        if not self.lr > 0:
+            raise bad("train.lr", self.lr, "a positive learning rate")
+        if self.weight_decay < 0:
+            raise bad("train.weight_decay", self.weight_decay, "a non-negative weight decay")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainFile:
+    """Top level of a training config file (`train:`)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def make_augmenter(augment_cfg: dict, q_inv_angstrom: np.ndarray):
+    """The physics-informed augmenter for this Q grid, from a preset name plus overrides (`none`: identity)."""
+    if augment_cfg.get("preset") == "none":
+        return lambda batch, generator: batch
+    from qdsize.sim import augment
+
+    return augment.from_config(augment_cfg, q_inv_angstrom)
+
+
+def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
+    """Cross-entropy for both class heads and a Gaussian NLL for both continuous estimates."""
+    ce_size = F.cross_entropy(out["size_logits"], y["size_class"].long())
+    ce_disp = F.cross_entropy(out["dispersion_logits"], y["dispersion_class"].long())
+    nll = 0.0
+    for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
+        centre, scale = evaluate.TARGET_SCALE[key]
+        target = (y[label].float() - centre) / scale
+        logvar = out[key + "_logvar"]
+        nll = nll + 0.5 * (logvar + (out[key] - target) ** 2 * torch.exp(-logvar)).mean()
+    total = w.size * ce_size + w.dispersion * ce_disp + w.regression * nll
+    return {"loss": total, "size_ce": ce_size, "dispersion_ce": ce_disp, "nll": nll}
+
+
+@torch.no_grad()
+def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict) -> dict[str, float]:
+    """Temperature-scale both class heads and rescale both predicted variances on held-out data."""
+    model.eval()
+    for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_var_scale", "dispersion_var_scale"):
+        getattr(model, buf).fill_(1.0)
+    outs = [model(x[a:a + 1024], None if mask is None else mask[a:a + 1024]) for a in range(0, len(x), 1024)]
+    out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+    result = {}
+    for head, label in (("size", "size_class"), ("dispersion", "dispersion_class")):
+        logits, target = out[f"{head}_logits"], y[label].long()
+        grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 200, device=logits.device))
+        nll = torch.stack([F.cross_entropy(logits / t, target) for t in grid])
+        t = float(grid[int(torch.argmin(nll))])
+        getattr(model, f"{head}_temperature").fill_(t)
+        result[f"{head}_temperature"] = t
+    for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
+        centre, scale = evaluate.TARGET_SCALE[key]
+        z2 = ((out[key] - (y[label].float() - centre) / scale) ** 2 * torch.exp(-out[key + "_logvar"])).mean()
+        getattr(model, f"{key}_var_scale").fill_(float(z2))
+        result[f"{key}_var_scale"] = float(z2)
+    return result
+
+
+def frozen_split_scores(model: QDNet, dataset: str, device, edges) -> tuple[dict, dict]:
+    """Scores on the frozen, already augmented splits under the names the registry compares."""
+    scores, preds = {}, {}
+    for split in FROZEN_SPLITS:
+        if not data.layout.split_files(dataset, split):
+            continue
+        x, lab = data.read_split(dataset, split)
+        pred = evaluate.predict_arrays(model, x, device=device)
+        m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
+                             lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
+        preds[split] = (x, lab, pred)
+        if split == "seedgrid":
+            keys = ("size_within_0p25nm", "dispersion_within_2p5pct", "joint_within")
+        else:
+            keys = ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
+                    "joint_accuracy", "ece", "mean_diameter_nll", "dispersion_nll", "mean_diameter_coverage_1sigma")
+        scores.update({f"{split}_{k}": m[k] for k in keys})
+    return scores, preds
+
+
+def log_figures(model: QDNet, history: list[dict], preds: dict, q: np.ndarray, device, out_dir: Path,
+                edges: tuple[list, list]) -> None:
+    """Learning curves, confusion matrices, per-class tables and class-activation maps, as files."""
+    evaluate.plot_learning_curves(history, out_dir / "learning_curves.png")
+    for split, (x, lab, pred) in preds.items():
+        for head, edge, unit, label in (("size", edges[0], "nm", "size_class"),
+                                        ("dispersion", edges[1], "%", "dispersion_class")):
+            pidx = pred[f"{head}_probs"].argmax(1)
+            cm = evaluate.confusion(lab[label], pidx, len(edge) - 1)
+            evaluate.plot_confusion(cm, edge, unit, f"{split}: {head} class", out_dir / f"confusion_{split}_{head}.png")
+            (out_dir / f"per_class_{split}_{head}.md").write_text(
+                evaluate.per_class_table(lab[label], pidx, edge, unit))
+        pick = np.linspace(0, len(x) - 1, min(6, len(x))).astype(int)
+        xt = torch.as_tensor(x[pick], device=device)
+        model.eval()
+        cams = model.class_activation_map(xt).detach().cpu().numpy()
+        titles = [f"true {lab['mean_diameter_nm'][i]:.2f} nm, {lab['size_dispersion_pct'][i]:.1f} %; predicted "
+                  f"{pred['mean_diameter'][i]:.2f} +- {pred['mean_diameter_std'][i]:.2f} nm, "
+                  f"{pred['dispersion'][i]:.1f} +- {pred['dispersion_std'][i]:.1f} %" for i in pick]
+        evaluate.plot_cams(q, x[pick], cams, titles, out_dir / f"cam_{split}.png")
+
+
+def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: str | None = None,
+          run_name: str | None = None,
+          parent_run_id: str | None = None, report: Callable[[dict], None] | None = None,
+          progress: bool = True, log_model: bool = True) -> dict:
+    """Train, early-stop on validation loss, calibrate, score the frozen splits, log everything to MLflow.
+
+    `report(metrics)` is called after every epoch (Ray Tune passes `tune.report`). Returns the final scores, the
+    MLflow run id and the logged model's URI.
+    """
+    import mlflow
+
+    # ---- reproducibility and device
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    dataset = str(Path(cfg.dataset).resolve())
+
+    # ---- data: streamed training split with augmentation; a fixed, augmented validation set in memory
+    q = data.q_grid(dataset, "train")
+    edges = data.class_edges(dataset)  # the classes are the dataset's: the heads follow them
+    cfg.model.n_size_classes, cfg.model.n_dispersion_classes = len(edges[0]) - 1, len(edges[1]) - 1
+    augmenter = make_augmenter(cfg.augment, q)
+    train_stream = data.ShardStream(dataset, "train", cfg.batch_size, seed=cfg.seed, augment=augmenter,
+                                    truncation=cfg.truncation, device=device, limit=cfg.max_train_rows)
+    xv, lv = data.read_split(dataset, "val", limit=cfg.max_val_rows)
+    gen_val = torch.Generator().manual_seed(cfg.seed + 1)
+    xv_t = augmenter(torch.as_tensor(xv), gen_val).to(device)
+    yv = {k: torch.as_tensor(v, device=device) for k, v in lv.items()}
+    mask_v = data.truncation_mask(torch.as_tensor(q, dtype=torch.float32), len(xv), cfg.truncation,
+                                  gen_val).to(device)
+
+    # ---- model and optimiser
+    model = QDNet(cfg.model).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_rows = sum(__import__("pyarrow.parquet", fromlist=["x"]).ParquetFile(f).metadata.num_rows
+                 for f in data.split_files(dataset, "train"))
+    if cfg.max_train_rows:
+        n_rows = min(n_rows, cfg.max_train_rows)
+    steps_per_epoch = max(1, math.ceil(n_rows / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, epochs=cfg.epochs,
+                                                steps_per_epoch=steps_per_epoch, pct_start=0.15)
+
+    # ---- tracking
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    experiment = cfg.experiment or f"qdsize-{Path(dataset).name}"
+    if experiment_id is not None:
+        mlflow.set_experiment(experiment_id=experiment_id)
+    else:
+        mlflow.set_experiment(experiment)
+    tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    history: list[dict] = []
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        flat = _flatten(cfg.to_dict())
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.log_dict(cfg.to_dict(), "config.json")
+        mlflow.log_param("n_parameters", sum(p.numel() for p in model.parameters()))
+        mlflow.log_param("resolved_device", str(device))
+
+        best, best_state, bad_epochs = float("inf"), None, 0
+        for epoch in range(cfg.epochs):
+            # ---- one pass over the training split
+            model.train()
+            t0, sums, n = time.perf_counter(), {}, 0
+            bar = _progress(progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
+            for step, (x, mask, y) in enumerate(train_stream):
+                if step >= steps_per_epoch:
+                    break
+                out = model(x, mask)
+                ls = losses(out, y, cfg.loss)
+                opt.zero_grad(set_to_none=True)
+                ls["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                sched.step()
+                for k, v in ls.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                n += len(x)
+                bar.advance(1)
+            bar.close()
+            # ---- validation
+            model.eval()
+            with torch.no_grad():
+                outs = [model(xv_t[a:a + 1024], mask_v[a:a + 1024]) for a in range(0, len(xv_t), 1024)]
+                out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+                vl = {k: float(v) for k, v in losses(out, yv, cfg.loss).items()}
+            pred = evaluate.predict_arrays(model, xv_t.cpu().numpy(), mask_v.cpu().numpy(), device=device)
+            vm = evaluate.metrics(pred, lv["mean_diameter_nm"], lv["size_dispersion_pct"], lv["size_class"],
+                                  lv["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
+            row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
+                   **{f"val_{k}": v for k, v in vl.items()},
+                   "val_size_accuracy": vm["size_accuracy"], "val_dispersion_accuracy": vm["dispersion_accuracy"],
+                   "val_joint_accuracy": vm["joint_accuracy"], "val_mean_diameter_mae": vm["mean_diameter_mae_nm"],
+                   "val_dispersion_mae": vm["dispersion_mae_pct"], "val_ece": vm["ece"],
+                   "patterns_per_s": n / (time.perf_counter() - t0)}
+            history.append(row)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
+            if report is not None:
+                report(dict(row))
+            if progress:
+                print(f"epoch {epoch + 1}: val loss {vl['loss']:.4f}, size acc {vm['size_accuracy']:.3f}, "
+                      f"disp acc {vm['dispersion_accuracy']:.3f}, MAE {vm['mean_diameter_mae_nm']:.3f} nm / "
+                      f"{vm['dispersion_mae_pct']:.2f} %", flush=True)
+            # ---- early stopping on the validation loss
+            if vl["loss"] < best - 1e-4:
+                best, bad_epochs = vl["loss"], 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad_epochs += 1
+                if bad_epochs >= cfg.patience:
+                    break
+        model.load_state_dict(best_state)
+
+        # ---- calibration on validation, then the frozen splits
+        cal = calibrate(model, xv_t, mask_v, yv)
+        mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
+        scores, preds = frozen_split_scores(model, dataset, device, edges)
+        mlflow.log_metrics(scores)
+        mlflow.log_metric("best_val_loss", best)
+        with tempfile.TemporaryDirectory() as tmp:
+            log_figures(model, history, preds, q, device, Path(tmp), edges)
+            (Path(tmp) / "history.json").write_text(json.dumps(history, indent=1))
+            mlflow.log_artifacts(tmp, artifact_path="figures")
+        model_uri = None
+        if log_model:
+            from .predict import Predictor, log_pyfunc
+
+            model = model.cpu()
+            card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict()}
+            model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card), xv[:2])
+            mlflow.set_tag("qdsize.model_uri", model_uri)
+        result = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": model_uri,
+                  "best_val_loss": best, **scores, **{f"val_{k}": v for k, v in vm.items()}}
+    return result
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class _progress:
+    """A rich progress bar when wanted, nothing otherwise."""
+
+    def __init__(self, enabled: bool, total: int, label: str):
+        self.p = None
+        if enabled:
+            from rich.progress import Progress
+
+            self.p = Progress(transient=True)
+            self.task = self.p.add_task(label, total=total)
+            self.p.start()
+
+    def advance(self, n: int) -> None:
+        if self.p is not None:
+            self.p.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.p is not None:
+            self.p.stop()

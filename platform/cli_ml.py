@@ -1,0 +1,138 @@
+"""Commands of the learning half: `qdsize train`, `evaluate`, `sweep`, `ui` (registered on the main Typer app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from qdsize.platform.cli import app
+from qdsize.sim.errors import InputError
+
+
+def load_train_config(path: Path, overrides: list[str]):
+    from qdsize.ml.train import TrainFile
+    from qdsize.platform import config as conf
+
+    return conf.load(TrainFile, path, overrides)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Training config (conf/train/acnn.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. train.epochs=5"),
+    register: bool = typer.Option(False, "--register", help="Register the model; champion only if better."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow server (default: the workspace SQLite store)."),
+):
+    """Train one network on a simulated dataset, tracked in MLflow."""
+    from qdsize.ml.train import train as run_train
+    from qdsize.platform import tracking
+
+    loaded = load_train_config(config, overrides or [])
+    cfg = loaded.config.train
+    uri = tracking.setup(tracking_uri)
+    from pathlib import Path as _P
+
+    experiment = cfg.experiment or f"qdsize-{_P(cfg.dataset).resolve().name}"
+    exp_id = tracking.ensure_experiment(experiment)
+    result = run_train(cfg, tracking_uri=uri, experiment_id=exp_id)
+    _print_scores(result)
+    if register:
+        scores = {k: v for k, v in result.items() if k.startswith(("benchmark_", "seedgrid_"))}
+        decision = tracking.register(result["model_uri"], scores, run_id=result["run_id"])
+        typer.echo(f"registered {tracking.REGISTERED_MODEL} v{decision['version']}: "
+                   f"{'now champion' if decision['champion'] else 'champion unchanged'} ({decision['decision']})")
+    typer.echo(f"run {result['run_id']} in {uri}; model {result['model_uri']}")
+
+
+@app.command()
+def evaluate(
+    model_uri: str = typer.Argument(..., help="models:/qdsize-pbs@champion, models:/m-..., or a model folder."),
+    dataset: Path = typer.Argument(..., help="Dataset folder."),
+    split: list[str] = typer.Option(["benchmark", "seedgrid"], "--split", help="Splits to score."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for figures (confusion matrices, CAMs)."),
+):
+    """Score a model on dataset splits (the frozen ones by default) with the training metrics and figures."""
+    from qdsize.ml import data, evaluate as ev, predict
+    from qdsize.platform import tracking
+
+    tracking.setup(tracking_uri)
+    pred_model = predict.load(model_uri)
+    rows = {}
+    for s in split:
+        x, lab = data.read_split(dataset, s)
+        q = data.q_grid(dataset)
+        if len(q) != len(pred_model.q_inv_angstrom) or abs(q - pred_model.q_inv_angstrom).max() > 1e-9:
+            raise InputError(f"dataset = {str(dataset)!r}: its Q grid differs from the model's")
+        p = ev.predict_arrays(pred_model.model, x)
+        m = ev.metrics(p, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
+                       lab["dispersion_class"])
+        rows[s] = m
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            for head, edges, unit, label in (("size", ev.SIZE_EDGES_NM, "nm", "size_class"),
+                                             ("dispersion", ev.DISPERSION_EDGES_PCT, "%", "dispersion_class")):
+                cm = ev.confusion(lab[label], p[f"{head}_probs"].argmax(1), len(edges) - 1)
+                ev.plot_confusion(cm, edges, unit, f"{s}: {head}", out / f"confusion_{s}_{head}.png")
+    from rich.console import Console
+    from rich.table import Table
+
+    keys = sorted({k for m in rows.values() for k in m})
+    table = Table("metric", *rows)
+    for k in keys:
+        table.add_row(k, *[f"{rows[s].get(k, float('nan')):.4f}" for s in rows])
+    Console().print(table)
+
+
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="Sweep config (conf/sweep/acnn.yaml)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides, e.g. sweep.max_epochs=5"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="Number of trials (default: from the config)."),
+    address: Optional[str] = typer.Option(None, "--address", envvar="RAY_ADDRESS", help="Ray cluster address."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI",
+                                               help="MLflow server; default: a local server over the workspace."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted sweep of the same name."),
+):
+    """Search architectures and augmentation strengths; register the winner, champion only if it is better."""
+    from qdsize.platform import sweep as sw
+
+    loaded = sw.load_sweep_config(config, overrides or [])
+    res = sw.sweep(loaded, trials=trials, address=address, tracking_uri=tracking_uri, resume=resume)
+    best = res["best"]
+    reg = res["registration"]
+    typer.echo(f"{res['completed']} trials finished training; best {loaded.config.sweep.metric} = "
+               f"{best[loaded.config.sweep.metric]:.4f} (run {best['run_id']})")
+    typer.echo(f"registered {reg['version']}: {'champion' if reg['champion'] else 'not champion'} "
+               f"({reg['decision']})")
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(5000, help="Port on 127.0.0.1."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+):
+    """Open the MLflow UI on the configured tracking store (Ctrl-C to stop)."""
+    import subprocess
+    import sys
+
+    from qdsize.platform import tracking
+
+    uri = tracking.tracking_uri(tracking_uri)
+    typer.echo(f"MLflow UI for {uri} on http://127.0.0.1:{port}")
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1",
+                    "--port", str(port)], check=False)
+
+
+def _print_scores(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("score", "value")
+    for k, v in result.items():
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.4f}")
+    Console().print(table)
