@@ -368,13 +368,13 @@ def _form_factor_tables(species: tuple[str, ...], q_key: tuple, energies: tuple[
 
 def compose_family(tab: dict, q: np.ndarray, weights: np.ndarray, strain: np.ndarray, microstrain_pct: np.ndarray,
                    b_iso: np.ndarray, energy_idx: np.ndarray, energies: tuple[float, ...], tol: float = 1e-5,
-                   batch: int = 512) -> np.ndarray:
+                   batch: int = 512, rules=None) -> np.ndarray:
     """Patterns (n, n_Q) float64 of n samples of one family: ladder weights (n, K), strain, microstrain (%),
     B per species (n, S) and energy index per sample; electron units per particle (weights sum to one)."""
     q = np.ascontiguousarray(q, dtype=np.float64)
     species = tuple(tab["species"])
     ff_self, ff_pair, ps, pt = _form_factor_tables(species, tuple(q.tolist()), tuple(energies))
-    nodes, wts, counts, xok = quadrature_rules(tol)
+    nodes, wts, counts, xok = rules if rules is not None else quadrature_rules(tol)
     n = weights.shape[0]
     out = np.zeros((n, q.size))
     fine_q0 = float(tab["fine_q0"])
@@ -444,8 +444,17 @@ def draw_samples(cfg: cfgmod.DatasetConfig, shard: dict, n_families: int) -> dic
 
 
 def compose_shard(cfg: cfgmod.DatasetConfig, shard: dict, families: list[dict], specs: list[dict],
-                  q: np.ndarray) -> tuple[dict, dict]:
-    """Columns and pattern matrices of one shard (pure: same inputs, same bytes)."""
+                  q: np.ndarray, rules=None) -> tuple[dict, dict]:
+    """Columns and pattern matrices of one shard (pure: same inputs, same bytes on any worker).
+
+    BLAS runs on one thread here: a multi-threaded GEMM may round differently."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1):
+        return _compose_shard(cfg, shard, families, specs, q, rules)
+
+
+def _compose_shard(cfg, shard, families, specs, q, rules):
     d = draw_samples(cfg, shard, len(families))
     n = shard["rows"]
     species = cfg.species
@@ -464,7 +473,8 @@ def compose_shard(cfg: cfgmod.DatasetConfig, shard: dict, families: list[dict], 
         atoms[idx] = w @ tab["atoms"].sum(axis=1)
         n_used[idx] = np.count_nonzero(w > 1e-12, axis=1)
         pat[idx] = compose_family(tab, q, w, d["strain"][idx], d["microstrain_pct"][idx], d["b_iso"][idx],
-                                  d["energy_idx"][idx], energies, cfg.compose.quadrature_tol, cfg.compose.batch)
+                                  d["energy_idx"][idx], energies, cfg.compose.quadrature_tol, cfg.compose.batch,
+                                  rules)
     fam = d["family"]
     en = np.asarray(energies)[d["energy_idx"]]
     cols = {"sample_index": d["sample_index"].astype(np.int64),
@@ -501,7 +511,7 @@ def _augmenter(preset: str, q_key: tuple):
     except ImportError as exc:
         raise InputError(f"augment.preset = {preset!r}: qdsize.sim.augment is not available ({exc}); "
                          "expected the augmentation module for the frozen splits") from None
-    return augment.build(preset, np.asarray(q_key))
+    return augment.from_config({"preset": preset}, np.asarray(q_key))
 
 
 def augment_frozen(cfg: cfgmod.DatasetConfig, shard: dict, q: np.ndarray, clean: np.ndarray) -> np.ndarray:
@@ -518,14 +528,11 @@ def augment_frozen(cfg: cfgmod.DatasetConfig, shard: dict, q: np.ndarray, clean:
 
 
 def make_shard(cfg: cfgmod.DatasetConfig, config_hash: str, shard: dict, families: list[dict], specs: list[dict],
-               out: str | Path) -> dict:
+               out: str | Path, rules=None) -> dict:
     """Compose one shard and write it atomically; return its manifest record (with timings and node)."""
-    from threadpoolctl import threadpool_limits
-
     q = model_q(cfg)
     t0 = time.perf_counter()
-    with threadpool_limits(1):
-        cols, pats = compose_shard(cfg, shard, families, specs, q)
+    cols, pats = compose_shard(cfg, shard, families, specs, q, rules)
     t1 = time.perf_counter()
     table = ds.shard_table(cols, pats, q, config_hash, shard["split"], shard["index"])
     rec = ds.write_shard(table, out, shard["split"], shard["index"])
@@ -572,8 +579,8 @@ def _ray_remotes():
             return tab
 
     @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False)
-    def shard_task(cfg, config_hash, shard, specs, out, *families):
-        rec = make_shard(cfg, config_hash, shard, list(families), specs, out)
+    def shard_task(cfg, config_hash, shard, specs, out, rules, *families):
+        rec = make_shard(cfg, config_hash, shard, list(families), specs, out, rules)
         ctx = ray.get_runtime_context()
         rec.update({"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()})
         return rec
@@ -713,18 +720,30 @@ def _families(specs, fine, cache, use_ray, workers, prog):
         return out, [t["status"] for t in out]
     import ray
 
-    actor_cls, _ = _ray_remotes()
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    n_act = max(1, min(len(specs), workers or cpus, cpus))
-    actors = [actor_cls.remote() for _ in range(n_act)]
-    refs = [actors[i % n_act].get.remote(s, fine, str(cache)) for i, s in enumerate(specs)]
-    pending = list(refs)
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
-        prog.advance(task, len(ready))
-    status = [t["status"] for t in ray.get(refs)]  # surfaces build errors here
-    for a in actors:
-        ray.kill(a)
+    refs, status, missing = [None] * len(specs), [None] * len(specs), []
+    for i, s in enumerate(specs):  # cached tables go to the object store from here, without starting actors
+        if (Path(cache) / "tables" / f"{s['family_id']}-{fine.key()}.npz").is_file():
+            tab = get_family(s, fine, cache)
+            tab["fine_q0"], tab["fine_step"] = fine.q0, fine.step
+            refs[i], status[i] = ray.put(tab), "cached"
+            prog.advance(task)
+        else:
+            missing.append(i)
+    if missing:
+        actor_cls, _ = _ray_remotes()
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        n_act = max(1, min(len(missing), workers or cpus, cpus))
+        actors = [actor_cls.remote() for _ in range(n_act)]
+        for j, i in enumerate(missing):
+            refs[i] = actors[j % n_act].get.remote(specs[i], fine, str(cache))
+        pending = [refs[i] for i in missing]
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+            prog.advance(task, len(ready))
+        for i in missing:
+            status[i] = ray.get(refs[i])["status"]  # surfaces build errors here
+        for a in actors:
+            ray.kill(a)
     return refs, status
 
 
@@ -732,8 +751,9 @@ def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog
     """Yield shard records as shards complete (at most `workers` in flight with Ray)."""
     task = prog.add_task("patterns", total=sum(s["rows"] for s in todo), unit="patterns")
     if not use_ray:
+        rules = quadrature_rules(cfg.compose.quadrature_tol)
         for sh in todo:
-            rec = make_shard(cfg, config_hash, sh, families, specs, out)
+            rec = make_shard(cfg, config_hash, sh, families, specs, out, rules)
             prog.advance(task, sh["rows"])
             yield rec
         return
@@ -743,12 +763,13 @@ def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog
     cpus = int(ray.cluster_resources().get("CPU", 1))
     limit = max(1, workers if workers else 2 * cpus)
     cfg_ref, specs_ref = ray.put(cfg), ray.put(specs)
+    rules_ref = ray.put(quadrature_rules(cfg.compose.quadrature_tol))  # once on the driver, not per worker
     queue = list(todo)
     running = {}
     while queue or running:
         while queue and len(running) < limit:
             sh = queue.pop(0)
-            running[shard_task.remote(cfg_ref, config_hash, sh, specs_ref, str(out), *families)] = sh
+            running[shard_task.remote(cfg_ref, config_hash, sh, specs_ref, str(out), rules_ref, *families)] = sh
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
             sh = running.pop(ref)
