@@ -38,7 +38,7 @@ def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None 
         for k, v in o.items():
             outs.setdefault(k, []).append(v.float().cpu())
     o = {k: torch.cat(v) for k, v in outs.items()}
-    res = {"size_probs": torch.softmax(o["size_logits"], -1).numpy(),
+    res = {"size_probs": torch.softmax(o["size_logits"], -1).numpy(), "ood_score": o["ood_score"].numpy(),
            "dispersion_probs": torch.softmax(o["dispersion_logits"], -1).numpy()}
     for key in ("mean_diameter", "dispersion"):
         centre, scale = TARGET_SCALE[key]

@@ -87,21 +87,44 @@ class QDNet(nn.Module):
         self.register_buffer("dispersion_temperature", torch.ones(()))
         self.register_buffer("mean_diameter_var_scale", torch.ones(()))
         self.register_buffer("dispersion_var_scale", torch.ones(()))
+        # out-of-distribution reference: pooled features of held-out training-like data (Mahalanobis)
+        self.register_buffer("ood_mean", torch.zeros(cin))
+        self.register_buffer("ood_precision", torch.eye(cin))
+        self.register_buffer("ood_threshold", torch.tensor(float("inf")))
 
     def feature_maps(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.features(normalise_input(intensity, mask))
 
+    def pooled(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.feature_maps(intensity, mask).mean(dim=-1)
+
+    def ood_score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance^2 / n_features of pooled features from the reference set (about 1 in-distribution)."""
+        d = pooled - self.ood_mean
+        return torch.einsum("bi,ij,bj->b", d, self.ood_precision, d) / d.shape[-1]
+
+    @torch.no_grad()
+    def fit_ood(self, pooled: torch.Tensor, quantile: float = 0.995) -> float:
+        """Set the reference from pooled features of in-distribution data; the threshold is their quantile."""
+        mean = pooled.mean(0)
+        cov = torch.cov((pooled - mean).T) + 1e-4 * torch.eye(pooled.shape[1], device=pooled.device)
+        self.ood_mean.copy_(mean)
+        self.ood_precision.copy_(torch.linalg.inv(cov))
+        thr = torch.quantile(self.ood_score(pooled), quantile)
+        self.ood_threshold.copy_(thr * 1.5)
+        return float(self.ood_threshold)
+
     def forward(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Intensities (batch, n_q) on the model grid; mask (batch, n_q), 1 where the pattern is measured."""
-        fmap = self.feature_maps(intensity, mask)
-        pooled = fmap.mean(dim=-1)
+        pooled = self.pooled(intensity, mask)
         reg = self.regression_head(pooled)
         return {"size_logits": self.size_head(pooled) / self.size_temperature,
                 "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
                 "mean_diameter": reg[:, 0],
                 "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) + torch.log(self.mean_diameter_var_scale),
                 "dispersion": reg[:, 2],
-                "dispersion_logvar": reg[:, 3].clamp(-12, 6) + torch.log(self.dispersion_var_scale)}
+                "dispersion_logvar": reg[:, 3].clamp(-12, 6) + torch.log(self.dispersion_var_scale),
+                "ood_score": self.ood_score(pooled)}
 
     def class_activation_map(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
                              head: str = "size", target: torch.Tensor | None = None) -> torch.Tensor:

@@ -66,6 +66,7 @@ class Predictor:
         m = np.isfinite(x).astype(np.float32) if mask is None else np.asarray(mask, dtype=np.float32)
         x = np.where(m > 0, np.nan_to_num(x), 0.0).astype(np.float32)
         pred = evaluate.predict_arrays(self.model, x, m)
+        threshold = float(self.model.ood_threshold)
         out = []
         for i in range(len(x)):
             sp, dp = pred["size_probs"][i], pred["dispersion_probs"][i]
@@ -79,6 +80,8 @@ class Predictor:
                 "dispersion_class": [self.dispersion_edges_pct[di], self.dispersion_edges_pct[di + 1]],
                 "size_class_probs": [round(float(p), 6) for p in sp],
                 "dispersion_class_probs": [round(float(p), 6) for p in dp],
+                "ood_score": float(pred["ood_score"][i]),
+                "out_of_distribution": bool(pred["ood_score"][i] > threshold),
                 "model_uri": self.model_uri,
             })
         return out
@@ -126,6 +129,11 @@ def log_pyfunc(predictor: Predictor, example: np.ndarray, name: str = "model") -
 
 def load(model_uri: str) -> Predictor:
     """A Predictor from a local folder or any MLflow model URI (models:/NAME@alias, models:/m-..., runs:/...)."""
+    if model_uri.startswith("builtin:"):
+        found = builtin()
+        if found is None:
+            raise InputError(f"model = {model_uri!r}: no released model is installed with this qdsize")
+        return found
     p = Path(model_uri)
     if p.is_dir():
         return Predictor.load(p, str(p))
@@ -139,3 +147,14 @@ def load(model_uri: str) -> Predictor:
         raise InputError(f"model = {model_uri!r}: not a qdsize model")
     wrapper.predictor.model_uri = model_uri
     return wrapper.predictor
+
+
+RELEASED_DIR = Path(__file__).with_name("released")
+
+
+def builtin() -> Predictor | None:
+    """The small released PbS model shipped in the package (`builtin:` URI), when present."""
+    if not (RELEASED_DIR / WEIGHTS).exists():
+        return None
+    p = Predictor.load(RELEASED_DIR, "builtin:qdsize-pbs")
+    return p

@@ -115,6 +115,9 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict) -> dict[str, float]:
         z2 = ((out[key] - (y[label].float() - centre) / scale) ** 2 * torch.exp(-out[key + "_logvar"])).mean()
         getattr(model, f"{key}_var_scale").fill_(float(z2))
         result[f"{key}_var_scale"] = float(z2)
+    pooled = torch.cat([model.pooled(x[a:a + 1024], None if mask is None else mask[a:a + 1024])
+                        for a in range(0, len(x), 1024)])
+    result["ood_threshold"] = model.fit_ood(pooled)
     return result
 
 

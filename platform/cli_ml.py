@@ -136,3 +136,119 @@ def _print_scores(result: dict) -> None:
         if isinstance(v, float):
             table.add_row(k, f"{v:.4f}")
     Console().print(table)
+
+
+def resolve_model(model_uri: str | None, tracking_uri: str | None):
+    """--model, else the tracking store's champion, else the released model shipped with qdsize."""
+    from qdsize.ml import predict as pr
+    from qdsize.platform import tracking
+
+    if model_uri:
+        if model_uri.startswith("models:/") or model_uri.startswith("runs:/"):
+            tracking.setup(tracking_uri)
+        return pr.load(model_uri)
+    uri = tracking.tracking_uri(tracking_uri)
+    if not tracking.is_local(uri) or (uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists()):
+        tracking.setup(tracking_uri)
+        champ = tracking.champion_uri()
+        if champ:
+            return pr.load(champ)
+    builtin = pr.builtin()
+    if builtin is not None:
+        return builtin
+    raise InputError(f"--model: none given, no '{tracking.REGISTERED_MODEL}@champion' in {uri}, and no released "
+                     "model installed; expected --model URI, or train one first (`make quickstart` or "
+                     "`qdsize sweep conf/sweep/acnn.yaml`)")
+
+
+@app.command()
+def predict(
+    files: list[Path] = typer.Argument(..., help="Measured patterns (.xy .xye .dat .chi .csv ...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model URI or folder (default: champion, then "
+                                        "the released model)."),
+    x_unit: Optional[str] = typer.Option(None, "--x-unit", help="q_A (1/A), q_nm (1/nm) or 2theta (degrees)."),
+    wavelength_angstrom: Optional[float] = typer.Option(None, "--wavelength-angstrom", "--wavelength",
+                                                        help="Wavelength for 2-theta data (A)."),
+    energy_kev: Optional[float] = typer.Option(None, "--energy-kev", help="Photon energy for 2-theta data (keV)."),
+    fmt: str = typer.Option("table", "--format", help="table, json or csv."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
+    tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+):
+    """Mean size and size dispersion, with uncertainties, of each measured pattern."""
+    import json
+    import sys
+
+    import numpy as np
+
+    from qdsize.sim import measured
+
+    if fmt not in ("table", "json", "csv"):
+        raise InputError(f"--format = {fmt!r}: expected table, json or csv")
+    predictor = resolve_model(model, tracking_uri)
+    q = predictor.q_inv_angstrom
+    rows, failures, inputs = [], [], []
+    for f in files:
+        try:
+            pat = measured.read_pattern(f, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,
+                                        energy_kev=energy_kev)
+            y, mask, warns = measured.resample(pat, q)
+        except InputError as exc:
+            failures.append(str(exc))
+            continue
+        for w in [*pat.warnings, *warns]:
+            typer.echo(f"qdsize: warning: {f}: {w}", err=True)
+        inputs.append((f, y, mask))
+    if inputs:
+        x = np.stack([y for _, y, _ in inputs])
+        m = np.stack([mk for _, _, mk in inputs])
+        for (f, _, _), res in zip(inputs, predictor.predict(x, m)):
+            rows.append({"file": str(f), **res})
+    _emit(rows, fmt)
+    if plot is not None and inputs:
+        from qdsize.platform.figures import plot_prediction
+
+        for i, ((f, y, mk), res) in enumerate(zip(inputs, rows)):
+            target = plot if len(inputs) == 1 and plot.suffix == ".png" else Path(plot) / f"{Path(f).stem}.png"
+            cam = predictor.model.class_activation_map(
+                __import__("torch").as_tensor(y[None]), __import__("torch").as_tensor(mk[None]))[0]
+            plot_prediction(target, q, y, mk, cam.detach().numpy(), res, predictor.size_edges_nm,
+                            predictor.dispersion_edges_pct)
+    for line in failures:
+        typer.echo(f"qdsize: error: {line}", err=True)
+    if failures:
+        sys.exit(2)
+
+
+def _emit(rows: list[dict], fmt: str) -> None:
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        typer.echo(json.dumps(rows, indent=1))
+        return
+    if fmt == "csv":
+        buf = io.StringIO()
+        keys = ["file", "mean_diameter_nm", "mean_diameter_std_nm", "size_dispersion_pct", "size_dispersion_std_pct",
+                "size_class", "dispersion_class", "ood_score", "out_of_distribution", "model_uri"]
+        w = csv.DictWriter(buf, keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "size_class": "-".join(f"{v:g}" for v in r["size_class"]),
+                        "dispersion_class": "-".join(f"{v:g}" for v in r["dispersion_class"])})
+        typer.echo(buf.getvalue().rstrip("\n"))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("file", "mean diameter (nm)", "dispersion (%)", "size class", "p", "dispersion class", "p",
+                  "flag")
+    for r in rows:
+        table.add_row(Path(r["file"]).name, f"{r['mean_diameter_nm']:.2f} ± {r['mean_diameter_std_nm']:.2f}",
+                      f"{r['size_dispersion_pct']:.1f} ± {r['size_dispersion_std_pct']:.1f}",
+                      "{:g}-{:g} nm".format(*r["size_class"]), f"{max(r['size_class_probs']):.2f}",
+                      "{:g}-{:g} %".format(*r["dispersion_class"]), f"{max(r['dispersion_class_probs']):.2f}",
+                      "OUT OF DISTRIBUTION" if r["out_of_distribution"] else "")
+    Console().print(table)
+    if rows:
+        Console().print(f"model: {rows[0]['model_uri']}")

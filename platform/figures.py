@@ -32,3 +32,41 @@ def plot_patterns(out_png: str | Path, curves: list[tuple[np.ndarray, np.ndarray
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_prediction(out_png, q, intensity, mask, cam, result: dict, size_edges, dispersion_edges) -> Path:
+    """The pattern as the model saw it with the class-activation map, and both heads' class probabilities."""
+    fig = plt.figure(figsize=(11, 4.2), dpi=110)
+    gs = fig.add_gridspec(2, 2, width_ratios=[2.6, 1])
+    ax = fig.add_subplot(gs[:, 0])
+    sel = np.asarray(mask) > 0
+    y = np.where(sel, intensity, np.nan)
+    y = y / np.nanmean(y)
+    ax.plot(q, y, color="k", lw=0.8, label="pattern (resampled onto the model grid)")
+    c = np.asarray(cam, dtype=float)
+    c = (c - c[sel].min()) / max(np.ptp(c[sel]), 1e-12)
+    lo, hi = np.nanmin(y), np.nanmax(y)
+    ax.imshow(np.where(sel, c, np.nan)[None, :], aspect="auto", cmap="magma", alpha=0.4,
+              extent=(q[0], q[-1], lo, hi), origin="lower")
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel(r"$Q$ (1/$\AA$)")
+    ax.set_ylabel("I / mean")
+    flag = "  [OUT OF DISTRIBUTION]" if result.get("out_of_distribution") else ""
+    ax.set_title(f"{Path(result.get('file', '')).name}: {result['mean_diameter_nm']:.2f} ± "
+                 f"{result['mean_diameter_std_nm']:.2f} nm, {result['size_dispersion_pct']:.1f} ± "
+                 f"{result['size_dispersion_std_pct']:.1f} %{flag}", fontsize=9)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
+    for row, (probs, edges, unit) in enumerate(((result["size_class_probs"], size_edges, "nm"),
+                                                (result["dispersion_class_probs"], dispersion_edges, "%"))):
+        a = fig.add_subplot(gs[row, 1])
+        names = [f"{edges[i]:g}-{edges[i + 1]:g}" for i in range(len(edges) - 1)]
+        a.bar(range(len(probs)), probs, color="tab:blue")
+        a.set_xticks(range(len(probs)), names, rotation=45, ha="right", fontsize=7)
+        a.set_ylim(0, 1)
+        a.set_ylabel(f"p (class, {unit})", fontsize=8)
+    fig.tight_layout()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,105 @@
+"""Training end to end on a small simulated dataset: accuracy well above chance, MLflow contents, determinism."""
+
+import json
+
+import mlflow
+import numpy as np
+import pytest
+
+from qdsize.ml import predict
+from qdsize.ml.train import TrainConfig, train
+from qdsize.platform import config as conf
+from qdsize.platform import simulate, tracking
+
+DATASET = {
+    "dataset": {
+        "name": "tiny", "samples": 1400, "seed": 3, "shard_size": 200,
+        "q": {"min_inv_angstrom": 1.0, "max_inv_angstrom": 10.0, "step_inv_angstrom": 0.01},
+        "sizes": {"min_nm": 2.0, "max_nm": 6.0, "class_width_nm": 1.0},
+        "dispersion": {"class_edges_pct": [0, 5, 10, 20]},
+        "variants": {"shapes": ["sphere", "cuboctahedron"], "surfaces": ["cation_rich"], "centre_seeds": [0]},
+        "ladder": {"min_nm": 1.2, "max_nm": 9.5, "relative_step": 0.03},
+        "nuisance": {"energies_kev": [17.479]},
+        "splits": {"train": 0.75, "val": 0.1, "test": 0.05, "benchmark": 0.05, "seedgrid": 0.05},
+        "seedgrid": {"mean_start_nm": 2.0, "mean_stop_nm": 6.0, "mean_step_nm": 0.5, "dispersions_pct": [5, 10]},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("tiny")
+    monkeypatch_module.setenv("QDSIZE_HOME", str(root / "home"))
+    loaded = conf.load(conf.DatasetFile, None, data=DATASET)
+    simulate.run(loaded, root / "ds", use_ray=False, quiet=True)
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _cfg(dataset, **kw):
+    base = {"dataset": str(dataset), "epochs": 6, "batch_size": 64, "lr": 3e-3, "patience": 6, "seed": 0,
+            "threads": 2, "model": {"channels": [16, 32, 48], "kernels": [9, 5, 3], "strides": [4, 4, 2],
+                                    "dropout": 0.0, "norm": "batch"},
+            "augment": {"preset": "none"}, "truncation": {"probability": 0.0}}
+    base.update(kw)
+    return conf.from_dict(TrainConfig, base, "train")
+
+
+def test_short_training_beats_chance_and_is_fully_tracked(tiny_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = tracking.ensure_experiment("qdsize-tiny", local_artifacts=True)
+    res = train(_cfg(tiny_dataset), tracking_uri=uri, experiment_id=exp, progress=False)
+    # 4 size classes and 3 dispersion classes: chance is 0.25 and 0.33
+    assert res["val_size_accuracy"] > 0.6, res
+    assert res["val_mean_diameter_mae_nm"] < 0.6, res
+    assert "benchmark_size_accuracy" in res and "seedgrid_size_within_0p25nm" in res
+
+    client = mlflow.MlflowClient()
+    run = client.get_run(res["run_id"])
+    assert run.data.params["epochs"] == "6" and run.data.params["model.channels"] == "[16, 32, 48]"
+    for key in ("train_loss", "val_loss", "val_size_accuracy", "val_ece", "benchmark_mean_diameter_mae_nm",
+                "benchmark_joint_accuracy", "benchmark_ece", "seedgrid_joint_within"):
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(res["run_id"], "val_loss")) == 6
+    arts = {a.path for a in client.list_artifacts(res["run_id"], "figures")}
+    for name in ("learning_curves.png", "confusion_benchmark_size.png", "cam_benchmark.png",
+                 "per_class_benchmark_size.md", "history.json"):
+        assert f"figures/{name}" in arts, arts
+
+    # the logged model reproduces the in-process predictions
+    from qdsize.ml import data
+    x, _ = data.read_split(tiny_dataset, "test")
+    loaded = predict.load(res["model_uri"])
+    direct = loaded.predict(x[:8])
+    pyfunc = mlflow.pyfunc.load_model(res["model_uri"]).predict(x[:8])
+    np.testing.assert_allclose(pyfunc["mean_diameter_nm"].to_numpy(), [d["mean_diameter_nm"] for d in direct],
+                               rtol=1e-5)
+    assert loaded.size_edges_nm == [2.0, 3.0, 4.0, 5.0, 6.0]
+    assert json.loads(json.dumps(direct))[0]["size_class"][1] - direct[0]["size_class"][0] == 1.0
+
+    # registration: first version becomes champion; a worse one does not take the alias
+    scores = {k: v for k, v in res.items() if k.startswith("benchmark_")}
+    first = tracking.register(res["model_uri"], scores)
+    assert first["champion"]
+    worse = dict(scores, benchmark_joint_accuracy=scores["benchmark_joint_accuracy"] - 0.2)
+    second = tracking.register(res["model_uri"], worse)
+    assert not second["champion"]
+    assert client.get_model_version_by_alias("qdsize-pbs", "champion").version == first["version"]
+    assert "kept out" in client.get_model_version("qdsize-pbs", second["version"]).tags["decision"]
+
+
+def test_same_seed_gives_the_same_metrics(tiny_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = tracking.ensure_experiment("qdsize-tiny", local_artifacts=True)
+    a = train(_cfg(tiny_dataset, epochs=2), tracking_uri=uri, experiment_id=exp, progress=False, log_model=False)
+    b = train(_cfg(tiny_dataset, epochs=2), tracking_uri=uri, experiment_id=exp, progress=False, log_model=False)
+    for k in ("best_val_loss", "val_size_accuracy", "benchmark_mean_diameter_mae_nm"):
+        assert a[k] == b[k], k
