@@ -34,7 +34,7 @@ class LossWeights:
 class TrainConfig:
     """Everything one training run needs; the resolved dict is logged as the run's parameters."""
 
-    dataset: str = ".qdsize/datasets/pbs"
+    dataset: str = "${QDSIZE_HOME}/datasets/pbs"
     experiment: str | None = None  # default: qdsize-<dataset folder name>
     seed: int = 0
     device: str = "auto"
@@ -78,6 +78,14 @@ def make_augmenter(augment_cfg: dict, q_inv_angstrom: np.ndarray):
     from qdsize.sim import augment
 
     return augment.from_config(augment_cfg, q_inv_angstrom)
+
+
+def resolve_dataset(path: str) -> str:
+    """Absolute dataset path; `${QDSIZE_HOME}` (default ./.qdsize) and `~` are expanded."""
+    import os
+
+    os.environ.setdefault("QDSIZE_HOME", str(Path(".qdsize").resolve()))
+    return str(Path(os.path.expandvars(path)).expanduser().resolve())
 
 
 def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
@@ -180,7 +188,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    dataset = str(Path(cfg.dataset).resolve())
+    dataset = resolve_dataset(cfg.dataset)
 
     # ---- data: streamed training split with augmentation; a fixed, augmented validation set in memory
     q = data.q_grid(dataset, "train")

@@ -32,10 +32,10 @@ def train(
 
     loaded = load_train_config(config, overrides or [])
     cfg = loaded.config.train
-    uri = tracking.setup(tracking_uri)
-    from pathlib import Path as _P
+    from qdsize.ml.train import resolve_dataset
 
-    experiment = cfg.experiment or f"qdsize-{_P(cfg.dataset).resolve().name}"
+    uri = tracking.setup(tracking_uri)
+    experiment = cfg.experiment or f"qdsize-{Path(resolve_dataset(cfg.dataset)).name}"
     exp_id = tracking.ensure_experiment(experiment)
     result = run_train(cfg, tracking_uri=uri, experiment_id=exp_id)
     _print_scores(result)

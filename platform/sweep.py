@@ -169,7 +169,10 @@ def sweep(loaded: conf.Loaded, *, trials: int | None = None, address: str | None
     if n_trials < 1:
         raise bad("--trials", n_trials, "a positive number of trials")
     base = conf.load(TrainConfig, None, (), data=_train_base(sc)).resolved
-    dataset = Path(base["dataset"]).resolve()
+    from qdsize.ml.train import resolve_dataset
+
+    home()
+    dataset = Path(resolve_dataset(base["dataset"]))
     base["dataset"] = str(dataset)
     _check_dataset(dataset)
     folder = home() / "sweeps" / sc.name

@@ -10,4 +10,5 @@ def home() -> Path:
     """Absolute path of the workspace, created on first use."""
     p = Path(os.environ.get("QDSIZE_HOME", ".qdsize")).expanduser().resolve()
     p.mkdir(parents=True, exist_ok=True)
+    os.environ["QDSIZE_HOME"] = str(p)  # configs may say ${QDSIZE_HOME}/datasets/...; Ray workers inherit it
     return p
