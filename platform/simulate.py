@@ -683,10 +683,12 @@ def run(loaded: cfgmod.Loaded, out: str | Path, *, address: str | None = None, w
                 run_info["families_built"] = sum(s != "cached" for s in status)
                 t0 = time.perf_counter()
                 last_save = 0.0
+                run_info["completions"] = []
                 for rec in _shards(cfg, loaded.hash, todo, families, specs, out, use_ray, workers, prog):
                     records[(rec["split"], rec["index"])] = rec
                     run_info["written_shards"] += 1
                     run_info["written_rows"] += rec["rows"]
+                    run_info["completions"].append([round(time.perf_counter() - t0, 4), rec["rows"]])
                     run_info["compose_s"] += rec.pop("compose_s")
                     run_info["write_s"] += rec.pop("write_s")
                     rec.pop("pid", None)
@@ -694,15 +696,18 @@ def run(loaded: cfgmod.Loaded, out: str | Path, *, address: str | None = None, w
                         save("running")
                         last_save = time.perf_counter()
                 run_info["shards_s"] = time.perf_counter() - t0
-        ds.remove_temporaries(out)
-        run_info["total_s"] = time.perf_counter() - t_start
-        manifest["runs"].append(run_info)
-        save("complete" if len(records) == len(plan) else "running")
+    except BaseException:
+        save("running")  # record what is complete; a re-run finishes the rest
+        raise
     finally:
         if started_ray:
             import ray
 
             ray.shutdown()
+    ds.remove_temporaries(out)
+    run_info["total_s"] = time.perf_counter() - t_start
+    manifest["runs"].append(run_info)
+    save("complete" if len(records) == len(plan) else "running")
     _summary(console, manifest, run_info)
     return manifest
 

@@ -20,7 +20,10 @@ from qdsize.sim import debye, distribution, pattern
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "dataset" / "smoke.yaml"
-TINY = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=160", "dataset.shard_size=20"]
+TINY = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=160", "dataset.shard_size=20",
+        "dataset.splits={train: 0.75, val: 0.125, test: 0.125, benchmark: 0, seedgrid: 0}"]
+FROZEN = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=40", "dataset.shard_size=20",
+          "dataset.splits={train: 0, val: 0, test: 0, benchmark: 0.5, seedgrid: 0.5}"]
 FAST_PATH_RTOL = 1e-4  # fast composition vs the exact pattern.compose, max over Q of |I_fast / I_exact - 1|
 
 
@@ -178,8 +181,10 @@ def test_round_trip_pyarrow_ray_data_torch_and_labels(home, reference, ray_local
     assert np.all(np.abs(np.asarray(full["a_angstrom"]) / 5.936 - 1) <= 0.01 + 1e-12)
 
 
-def test_frozen_splits_are_augmented_deterministically(home, reference):
-    ref, m = reference
+def test_frozen_splits_are_augmented_deterministically(home, tmp_path):
+    """benchmark / seedgrid hold qdsize.sim.augment's `realistic` preset applied with a fixed seed."""
+    ref = tmp_path / "frozen"
+    sm.run(cf.load_dataset_config(SMOKE, FROZEN), ref, use_ray=False, quiet=True)
     q = ds.q_grid(ref)
     for split in ("benchmark", "seedgrid"):
         pats, lab = ds.load_split(ref, split, columns=["requested_mean_diameter_nm", "requested_dispersion_pct"])
@@ -190,7 +195,7 @@ def test_frozen_splits_are_augmented_deterministically(home, reference):
     assert set(lab["requested_mean_diameter_nm"]) <= {2.0, 2.5, 3.0, 3.5, 4.0}
     assert set(lab["requested_dispersion_pct"]) == {5.0}
     # composing the same shard again gives the same augmented bytes
-    cfg = tiny().config.dataset
+    cfg = cf.load_dataset_config(SMOKE, FROZEN).config.dataset
     sh = next(p for p in sm.plan_shards(cfg) if p["split"] == "benchmark")
     specs = sm.family_specs(cfg)
     fine = sm.fine_grid(cfg)
@@ -203,7 +208,7 @@ def test_frozen_splits_are_augmented_deterministically(home, reference):
 def test_same_bytes_with_one_or_two_workers(home, reference, ray_local, tmp_path):
     ref, _ = reference
     sums = checksums(ref)
-    assert len(sums) == 10
+    assert len(sums) == 8
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
         m = sm.run(tiny(), out, workers=workers, quiet=True)
@@ -309,7 +314,7 @@ def test_cli_refuses_a_foreign_dataset_unless_overwrite_and_info_show(home, refe
     assert r.returncode == 0, r.stderr
     assert "checksums verified" in r.stdout and "train" in r.stdout
     png = tmp_path / "fig.png"
-    r = qdsize_cli("dataset", "show", out, "--index", 3, "--split", "benchmark", "-o", png)
+    r = qdsize_cli("dataset", "show", out, "--index", 3, "--split", "val", "-o", png)
     assert r.returncode == 0, r.stderr
     assert png.stat().st_size > 10_000
     r = qdsize_cli("dataset", "show", out, "--index", 10_000, "-o", png)
@@ -327,3 +332,110 @@ def test_cli_refuses_a_foreign_dataset_unless_overwrite_and_info_show(home, refe
     new = json.loads((out / ds.MANIFEST).read_text())
     assert new["config_hash"] != m["config_hash"] and new["seed"] == 5 and new["status"] == "complete"
     assert set(checksums(out)) == set(sums) and checksums(out) != sums
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A real two-node cluster: head in this network namespace, a second raylet in a namespace of the test's own
+# ----------------------------------------------------------------------------------------------------------------
+NS_ROOT_IP, NS_NODE_IP = "10.213.0.1", "10.213.0.2"
+
+
+def _netns_available() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create a network namespace and a veth pair"
+    if shutil.which("ip") is None:
+        return "the `ip` tool (iproute2) is not installed"
+    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`ip netns` is unavailable: {r.stderr.strip()}"
+    return None
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _kill_started(marker: str) -> None:
+    """Stop exactly the Ray processes started with our own temp dir (and their children), by pid."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if marker in " ".join(p.info["cmdline"] or []):
+                procs.append(p)
+        except psutil.Error:
+            continue
+    for p in list(procs):
+        try:
+            procs.extend(p.children(recursive=True))
+        except psutil.Error:
+            pass
+    procs = list({p.pid: p for p in procs if p.pid != os.getpid()}.values())
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.mark.skipif(_netns_available() is not None, reason=str(_netns_available()))
+def test_two_node_cluster_both_nodes_write_shards(home, reference, tmp_path):
+    ref, _ = reference
+    tag = f"qd{os.getpid() % 100000}"
+    ns, veth_root, veth_ns = f"{tag}ns", f"{tag}a", f"{tag}b"
+    base = Path("/tmp") / f"qdsize-ray-{tag}"  # short: Ray's socket paths must stay under 108 characters
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "token"  # token auth on every node and client (the default of new clusters)
+
+    def sh(*cmd, check=True, timeout=180):
+        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
+        if check and r.returncode != 0:
+            raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        return r
+
+    try:
+        sh("ip", "netns", "add", ns)
+        sh("ip", "link", "add", veth_root, "type", "veth", "peer", "name", veth_ns)
+        sh("ip", "link", "set", veth_ns, "netns", ns)
+        sh("ip", "addr", "add", f"{NS_ROOT_IP}/24", "dev", veth_root)
+        sh("ip", "link", "set", veth_root, "up")
+        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_NODE_IP}/24", "dev", veth_ns)
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_ns, "up")
+        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        port = _free_port(NS_ROOT_IP)
+        address = f"{NS_ROOT_IP}:{port}"
+        sh(ray_bin, "start", "--head", f"--node-ip-address={NS_ROOT_IP}", f"--port={port}", "--num-cpus=1",
+           "--include-dashboard=false", f"--ray-client-server-port={_free_port(NS_ROOT_IP)}",
+           f"--temp-dir={base}-head", "--disable-usage-stats")
+        sh("ip", "netns", "exec", ns, ray_bin, "start", f"--address={address}", f"--node-ip-address={NS_NODE_IP}",
+           "--num-cpus=1", f"--temp-dir={base}-node", "--disable-usage-stats")
+        out = tmp_path / "ds"
+        r = subprocess.run([sys.executable, "-m", "qdsize.platform", "simulate", str(SMOKE), *TINY,
+                            "--address", address, "--out", str(out), "-q"], capture_output=True, text=True,
+                           timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = json.loads((out / ds.MANIFEST).read_text())
+        assert m["status"] == "complete"
+        nodes = {rec["node_ip"] for rec in m["shards"]}
+        assert nodes == {NS_ROOT_IP, NS_NODE_IP}, nodes
+        assert len({rec["node_id"] for rec in m["shards"]}) == 2
+        assert checksums(out) == checksums(ref)  # same bytes as on one process
+    finally:
+        _kill_started(f"{base}-node")
+        _kill_started(f"{base}-head")
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+        subprocess.run(["ip", "link", "delete", veth_root], capture_output=True)
+        shutil.rmtree(f"{base}-head", ignore_errors=True)
+        shutil.rmtree(f"{base}-node", ignore_errors=True)
