@@ -164,10 +164,11 @@ def _surface(elements, xyz, crystal: Crystal, surface: str, anion_removal: float
 
 
 def _centre(crystal: Crystal, centre: str, rng) -> np.ndarray:
+    origin = crystal.sites_frac[crystal.centre_site]
     if centre == "atom":
-        return crystal.sites_frac[0] @ crystal.lattice_angstrom
+        return origin @ crystal.lattice_angstrom
     if centre == "random":
-        return (crystal.sites_frac[0] + rng.random(3)) @ crystal.lattice_angstrom
+        return (origin + rng.random(3)) @ crystal.lattice_angstrom
     raise bad("centre", centre, f"one of {list(CENTRES)}")
 
 

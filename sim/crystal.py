@@ -11,6 +11,7 @@ import numpy as np
 from .errors import InputError, bad
 from .scattering import check_element
 
+NON_METALS = frozenset("H He B C N O F Ne Si P S Cl Ar As Se Br Kr Te I Xe At Rn".split())
 PBS_A_ANGSTROM = 5.936  # room-temperature bulk PbS (Fm-3m); COD 9008694 gives 5.9362
 CDSE_ZB_A_ANGSTROM = 6.077  # zinc-blende CdSe (F-43m), room temperature
 
@@ -44,8 +45,18 @@ class Crystal:
 
     @property
     def species(self) -> tuple[str, ...]:
-        """Distinct elements in order of first appearance (cation first for the built-ins)."""
-        return tuple(dict.fromkeys(self.site_elements))
+        """Distinct elements, metals (cations) first, then in order of first appearance in the cell.
+
+        The first species is the one an atom-centred cut is centred on, and the last is the anion whose
+        under-coordinated atoms a cation-rich surface loses, whatever order a CIF file lists its sites in.
+        """
+        first = tuple(dict.fromkeys(self.site_elements))
+        return tuple(sorted(first, key=lambda e: e in NON_METALS))
+
+    @property
+    def centre_site(self) -> int:
+        """Index of the first site of the first species (the default cut centre)."""
+        return self.site_elements.index(self.species[0])
 
     @property
     def cell_volume_angstrom3(self) -> float:

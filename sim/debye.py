@@ -229,7 +229,7 @@ def sinc_sums(q_inv_angstrom: np.ndarray, distances_angstrom: np.ndarray, weight
     q = np.asarray(q_inv_angstrom, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
     lead = w.shape[:-1]
-    w2 = w.reshape(-1, w.shape[-1])
+    w2 = w.reshape(int(np.prod(lead)), w.shape[-1])  # explicit: a cluster with no pairs has zero distances
     out = np.zeros((w2.shape[0], q.size))
     for a in range(0, len(distances_angstrom), chunk):
         r = distances_angstrom[a:a + chunk]
