@@ -156,7 +156,7 @@ def dataset_info(path: Path = typer.Argument(..., help="Dataset folder (holds ma
     if problems:
         for p in problems:
             typer.echo(f"qdsize: invalid: {p}", err=True)
-        raise typer.Exit(1)
+        raise SystemExit(1)  # main() maps SystemExit codes through
     con.print(f"ok: {len(manifest['shards'])} shards, checksums verified")
 
 

@@ -559,8 +559,14 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False,
-                 log_to_driver=False)
+        kw = dict(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            ray.init(**kw)
+        except Exception as exc:  # Ray waits a fixed 30 s for its raylet; retry once on a busy machine
+            if "timed out during startup" not in str(exc):
+                raise
+            ray.shutdown()
+            ray.init(**kw)
     return True
 
 
