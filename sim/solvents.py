@@ -167,7 +167,10 @@ def composition_counts(composition) -> dict[str, float]:
         raise bad("elements", composition, "a mapping {element: atoms per formula unit}, e.g. {Pb: 1, S: 1}")
     out = {}
     for k, v in composition.items():
-        el = check_element(k)
+        try:
+            el = check_element(k)
+        except InputError:
+            raise bad(f"elements.{k}", k, "a chemical element symbol such as Pb or S") from None
         try:
             v = float(v)
         except (TypeError, ValueError):
