@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
                 opt.step()
                 sched.step()
                 for k, v in ls.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(x)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
                 n += len(x)
                 bar.advance(1)
             bar.close()

@@ -1,8 +1,13 @@
-"""`make quickstart`: the end-to-end tour on embedded defaults (today: simulate and plot PbS patterns)."""
+"""`make quickstart`: simulate, sweep, register a champion and predict the shipped examples, all on embedded defaults."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import re
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -12,50 +17,189 @@ from qdsize.platform.figures import plot_patterns
 from qdsize.platform.workspace import home
 from qdsize.sim import io, pattern, scattering
 
-SAMPLES = [  # (label, mean diameter nm, dispersion %, shape, surface)
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+GALLERY = [  # (label, mean diameter nm, dispersion %, shape, surface)
     ("3 nm sphere", 3.0, 0.0, "sphere", "as_cut"),
     ("6 nm sphere", 6.0, 0.0, "sphere", "as_cut"),
     ("10 nm sphere", 10.0, 0.0, "sphere", "as_cut"),
     ("6 nm, 15 % lognormal, Pb-rich cuboctahedra", 6.0, 15.0, "cuboctahedron", "cation_rich"),
 ]
+# Experiment-like examples: (file name, x unit, wavelength A, mean nm, dispersion %, shape, surface, solvent)
+EXAMPLE_SPECS = [
+    ("pbs_A_toluene.xy", "q_A", None, 3.4, 8.0, "truncated_octahedron", "cation_rich", "toluene"),
+    ("pbs_B_hexane.xye", "q_A", None, 5.2, 12.0, "cuboctahedron", "cation_rich", "hexane"),
+    ("pbs_C_mo_ka.dat", "2theta", 0.7093, 7.6, 6.0, "sphere", "stoichiometric", "octane"),
+    ("pbs_D_synchrotron.chi", "2theta", 0.2066, 9.3, 18.0, "cuboctahedron", "cation_rich", "toluene"),
+    ("pbs_E_q_nm.csv", "q_nm", None, 4.5, 3.0, "cube", "cation_rich", "chloroform"),
+    ("pbs_F_large.xy", "q_A", None, 11.0, 22.0, "truncated_octahedron", "stoichiometric", "hexane"),
+]
+TRUTH = re.compile(r"true mean_diameter_nm=([\d.]+) size_dispersion_pct=([\d.]+)")
+WAVELENGTH = re.compile(r"wavelength_angstrom=([\d.]+)")
 
 
-def simulate_examples(out_dir, q_inv_angstrom=None, b_iso=None):
-    """Simulate the example PbS patterns; return [(label, Pattern, seconds)]."""
-    q = scattering.q_grid(1.0, 10.0, 0.005) if q_inv_angstrom is None else q_inv_angstrom
-    b = {"Pb": 1.0, "S": 1.2} if b_iso is None else b_iso
+def simulate_gallery(out_dir: Path) -> list:
+    """The README's pattern gallery: exact DSE of a few PbS samples (Mo K-alpha), written as .xy files."""
+    q = scattering.q_grid(1.0, 10.0, 0.005)
     out = []
-    for label, d, disp, shape, surface in SAMPLES:
-        t0 = time.perf_counter()
-        p = pattern.simulate(q, diameter_nm=d, dispersion_pct=disp, shape=shape, surface=surface, b_iso=b,
-                             energy_kev=17.479)
-        dt = time.perf_counter() - t0
+    for label, d, disp, shape, surface in GALLERY:
+        p = pattern.simulate(q, diameter_nm=d, dispersion_pct=disp, shape=shape, surface=surface,
+                             b_iso={"Pb": 1.0, "S": 1.2}, energy_kev=17.479)
         name = label.split(",")[0].replace(" ", "_") + ("_poly" if disp else "")
         io.write_pattern(out_dir / f"pbs_{name}.xy", q, p.intensity, p.params)
-        out.append((label, p, dt))
+        out.append((label, p))
     return out
 
 
-def main() -> None:
-    console = Console()
-    out_dir = home() / "quickstart"
+def write_examples(folder: Path, seed: int = 7) -> list[Path]:
+    """Experiment-like patterns: exact DSE of PbS samples + realistic augmentation, in several formats and units."""
+    import torch
+
+    from qdsize.sim import augment, measured
+
+    folder.mkdir(parents=True, exist_ok=True)
+    q = scattering.q_grid(0.8, 12.0, 0.004)
+    paths = []
+    rng = np.random.default_rng(seed)
+    for i, (name, unit, lam, d, disp, shape, surface, solvent) in enumerate(EXAMPLE_SPECS):
+        b = {"Pb": float(rng.uniform(0.6, 2.0)), "S": float(rng.uniform(0.6, 2.5))}
+        energy = scattering.energy_kev(lam) if lam else 17.479
+        p = pattern.simulate(q, diameter_nm=d, dispersion_pct=disp, shape=shape, surface=surface, b_iso=b,
+                             energy_kev=energy, centre="random", seed=i, strain=float(rng.uniform(-0.004, 0.004)),
+                             microstrain_pct=float(rng.uniform(0, 0.3)))
+        cfg = augment.load_preset("realistic")
+        cfg.setdefault("solvent", {})["names"] = [solvent]
+        aug = augment.from_config(cfg, q)
+        y = aug(torch.as_tensor(p.intensity[None], dtype=torch.float32),
+                torch.Generator().manual_seed(seed + i))[0].numpy()
+        title = (f"qdsize example {name}: true mean_diameter_nm={p.params['mean_diameter_nm']:.3f} "
+                 f"size_dispersion_pct={p.params['size_dispersion_pct']:.2f} shape={shape} surface={surface} "
+                 f"solvent={solvent} B_Pb={b['Pb']:.2f} B_S={b['S']:.2f}" + (f" wavelength_angstrom={lam}" if lam else ""))
+        if unit == "q_A":
+            x = q
+        elif unit == "q_nm":
+            x = q * 10.0
+        else:
+            keep = q * lam / (4 * np.pi) < 0.99
+            x = scattering.two_theta_from_q(q[keep], lam)
+            y = y[keep]
+        sigma = np.sqrt(np.maximum(y, 1.0)) if name.endswith(".xye") else None
+        path = measured.write_pattern_file(folder / name, x, y, x_unit=unit, wavelength_angstrom=lam,
+                                           sigma=sigma, title=title)
+        if path.suffix == ".csv":  # a CSV has no title line: the truth goes into a leading comment
+            path.write_text(f"# {title}\n" + path.read_text(encoding="utf-8"), encoding="utf-8")
+        paths.append(path)
+    return paths
+
+
+def true_labels(path: Path) -> tuple[float, float] | None:
+    m = TRUTH.search(Path(path).read_text(encoding="utf-8", errors="replace")[:4000])
+    return (float(m.group(1)), float(m.group(2))) if m else None
+
+
+def _step(console, title: str):
+    console.rule(f"[bold]{title}")
+    return time.perf_counter()
+
+
+def run(profile: str = "quickstart", trials: int | None = None, console: Console | None = None) -> dict:
+    """The whole tour through the same code as the commands; re-running reuses what is complete."""
+    from qdsize.platform import cli
+
+    console = console or Console()
+    ws = home()
+    t0 = time.perf_counter()
+    out_dir = ws / "quickstart"
     out_dir.mkdir(parents=True, exist_ok=True)
-    console.rule("[bold]qdsize quickstart: PbS total-scattering patterns (Mo K-alpha, exact DSE)")
-    results = simulate_examples(out_dir)
-    table = Table("sample", "mean D (nm)", "dispersion (%)", "atoms/particle", "sizes mixed", "time (s)")
-    for label, p, dt in results:
-        table.add_row(label, f"{p.params['mean_diameter_nm']:.3f}", f"{p.params['size_dispersion_pct']:.2f}",
-                      f"{p.params['mean_atoms_per_particle']:.0f}", str(p.params["n_ladder_sizes"]), f"{dt:.2f}")
+
+    t = _step(console, "1/4 exact DSE: a gallery of PbS patterns")
+    gallery = simulate_gallery(out_dir)
+    plot_patterns(out_dir / "pbs_patterns.png",
+                  [(p.q_inv_angstrom, p.intensity / p.params["mean_atoms_per_particle"], label)
+                   for label, p in gallery],
+                  title="PbS nanocrystals, exact DSE (B: Pb 1.0, S 1.2 A^2; 17.48 keV)", log=True,
+                  ylabel="I(Q) per atom (electron units)")
+    console.print(f"gallery: {out_dir / 'pbs_patterns.png'} ({time.perf_counter() - t:.1f} s)")
+
+    t = _step(console, f"2/4 qdsize simulate conf/dataset/{profile}.yaml (embedded Ray)")
+    _cli(cli, ["simulate", str(REPO / f"conf/dataset/{profile}.yaml")])
+    console.print(f"dataset ready ({time.perf_counter() - t:.1f} s)")
+
+    t = _step(console, f"3/4 qdsize sweep conf/sweep/{profile}.yaml (Optuna + Ray Tune + MLflow)")
+    sweep_dir = ws / "sweeps" / profile
+    state = sweep_dir / "sweep.json"
+    args = ["sweep", str(REPO / f"conf/sweep/{profile}.yaml")] + (["--trials", str(trials)] if trials else [])
+    if state.exists() and json.loads(state.read_text()).get("finished"):
+        console.print(f"sweep {profile!r} already finished: reusing its champion")
+    else:
+        _cli(cli, args + (["--resume"] if state.exists() else []))
+        data = json.loads(state.read_text())
+        data["finished"] = True
+        state.write_text(json.dumps(data))
+    console.print(f"sweep done ({time.perf_counter() - t:.1f} s)")
+
+    t = _step(console, "4/4 qdsize predict examples/*")
+    from qdsize.platform.cli_ml import resolve_model
+    from qdsize.sim import measured
+
+    predictor = resolve_model(None, None)
+    files = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".xy", ".xye", ".dat", ".chi", ".csv"))
+    table = Table("example", "true D (nm)", "predicted D (nm)", "true disp. (%)", "predicted disp. (%)",
+                  "size class ok")
+    rows = []
+    for f in files:
+        lam = WAVELENGTH.search(f.read_text(encoding="utf-8")[:2000]) if f.suffix == ".chi" else None
+        pat = measured.read_pattern(f, wavelength_angstrom=float(lam.group(1)) if lam else None)
+        y, mask, _ = measured.resample(pat, predictor.q_inv_angstrom)
+        res = predictor.predict(y[None], mask[None])[0]
+        truth = true_labels(f)
+        ok = truth is not None and res["size_class"][0] <= truth[0] < res["size_class"][1]
+        rows.append({"file": f.name, "true": truth, **res})
+        table.add_row(f.name, f"{truth[0]:.2f}" if truth else "?",
+                      f"{res['mean_diameter_nm']:.2f} ± {res['mean_diameter_std_nm']:.2f}",
+                      f"{truth[1]:.1f}" if truth else "?",
+                      f"{res['size_dispersion_pct']:.1f} ± {res['size_dispersion_std_pct']:.1f}", "yes" if ok else "no")
     console.print(table)
-    png = plot_patterns(out_dir / "pbs_patterns.png",
-                        [(p.q_inv_angstrom, p.intensity / p.params["mean_atoms_per_particle"], label)
-                         for label, p, _ in results],
-                        title="PbS nanocrystals, exact DSE (B: Pb 1.0, S 1.2 A^2; 17.48 keV)", log=True,
-                        ylabel="I(Q) per atom (electron units)")
-    console.print(f"patterns: {out_dir}/*.xy\nfigure:   {png}")
-    console.print("next: `qdsize pattern --help` for single patterns; datasets, training and prediction follow.")
+    console.print(f"model: {predictor.model_uri}")
+    (out_dir / "predictions.json").write_text(json.dumps(rows, indent=1))
+    _cli(cli, ["predict", str(files[0]), "--plot", str(out_dir / "prediction.png")])
+
+    console.rule("[bold]where everything is")
+    console.print(f"workspace        {ws}\n"
+                  f"tracking store   sqlite:///{ws / 'mlflow.db'} (artifacts in {ws / 'mlartifacts'})\n"
+                  f"dataset          {ws / 'datasets' / profile}\n"
+                  f"sweep            {sweep_dir}\n"
+                  f"figures          {out_dir}\n"
+                  f"total time       {time.perf_counter() - t0:.0f} s")
+    console.print("next:\n"
+                  "  .venv/bin/qdsize ui                                   # browse runs, figures, the registry\n"
+                  "  .venv/bin/qdsize predict my_sample.xy --format json   # your own data\n"
+                  "  .venv/bin/qdsize simulate conf/dataset/pbs.yaml       # the full-size dataset\n"
+                  "  .venv/bin/qdsize sweep conf/sweep/acnn.yaml           # the full sweep\n"
+                  "  on a cluster: --address ray://HEAD:10001 (or RAY_ADDRESS) and --tracking-uri http://MLFLOW:5000")
+    return {"rows": rows, "model_uri": predictor.model_uri}
+
+
+def _cli(cli, argv: list[str]) -> None:
+    code = cli.main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", default="quickstart", help="conf/{dataset,sweep}/PROFILE.yaml")
+    ap.add_argument("--trials", type=int, default=None)
+    ap.add_argument("--write-examples", type=Path, default=None,
+                    help="write the experiment-like example files to this folder and stop")
+    args = ap.parse_args()
+    if args.write_examples:
+        for p in write_examples(args.write_examples):
+            print(p, true_labels(p))
+        return
+    np.seterr(all="ignore")
+    run(args.profile, args.trials)
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
-    main()
+    sys.exit(main())
