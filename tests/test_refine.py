@@ -1,0 +1,222 @@
+"""Refinement physics: recovery of size and dispersion, honest uncertainties, stability, improvement, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from qdsize.sim import debye, pattern, refine as rf, scattering, solvents
+from qdsize.sim.errors import InputError
+
+WAVELENGTH_A = 0.5594  # Ag K-alpha
+ENERGY_KEV = scattering.energy_kev(WAVELENGTH_A)
+TWO_THETA = np.linspace(5.2, 52.0, 1801)  # a laboratory 2-theta scan: Q = 1.02-9.88 1/A, non-uniform in Q
+Q = scattering.q_from_two_theta(TWO_THETA, WAVELENGTH_A)
+SMALL_LADDER = {"ladder_max_nm": 14.0}  # the default ladder's steps, ending at 14 nm (fast to build)
+B_TRUE = {"Pb": 1.4, "S": 0.9}
+STRAIN_TRUE = 0.003
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QDSIZE_HOME", str(tmp_path_factory.mktemp("refine_home")))
+    mp.setitem(rf.DEFAULT_LADDER, "ladder_max_nm", SMALL_LADDER["ladder_max_nm"])
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def ladder(home):
+    return rf.load_ladder(float(Q[0]), float(Q[-1]), spec=SMALL_LADDER)
+
+
+@pytest.fixture(scope="module")
+def family_stats(ladder):
+    from qdsize.platform import simulate as psim
+
+    return debye.PairStatistics.load(psim.cache_dir() / "families" / f"{ladder.spec['family_id']}.npz")
+
+
+def observe(i_per_atom, rng, max_counts=2e4, solvent_ratio=0.0, bg_fraction=0.25):
+    """Counts: particle + smooth polynomial background (+ toluene), Poisson at `max_counts` for the top point."""
+    x = 2.0 * (Q - Q[0]) / (Q[-1] - Q[0]) - 1.0
+    total = i_per_atom + bg_fraction * i_per_atom.mean() * (1.0 + 0.4 * x - 0.2 * x**2)
+    if solvent_ratio:
+        s = solvents.solvent_intensity("toluene", Q)
+        total = total + solvent_ratio * i_per_atom.mean() * s / s.mean()
+    return rng.poisson(total * max_counts / total.max()).astype(np.float64)
+
+
+def per_atom(pat):
+    return pat.intensity / pat.params["mean_atoms_per_particle"]
+
+
+def test_model_equals_exact_dse_of_the_ladder(ladder, family_stats):
+    """The fast model (fine-grid B-splines, weighted sum) is the exact DSE of the same mixture to 1e-5."""
+    exact = per_atom(pattern.compose(family_stats, Q, 6.0, 12.0, strain=STRAIN_TRUE, b_iso=B_TRUE,
+                                     energy_kev=ENERGY_KEV))
+    ff = scattering.form_factors(ladder.species, Q, ENERGY_KEV)
+    prob = rf.Problem(Q, exact, np.ones_like(Q), "file", ladder, np.abs(ff) ** 2,
+                      np.array([2 * np.real(ff[s] * np.conj(ff[t])) for s, t in ladder.pairs]), np.ones((1, Q.size)),
+                      ["c"], ["mean_diameter_nm", "size_dispersion_pct", "strain", "b_iso_Pb", "b_iso_S"])
+    fast = rf.dse_per_atom(prob, np.array([[6.0, 12.0, STRAIN_TRUE, B_TRUE["Pb"], B_TRUE["S"]]]))[0]
+    assert np.max(np.abs(fast - exact)) < 1e-5 * exact.max()
+
+
+@pytest.mark.parametrize("mean_nm, disp_pct, seed", [(4.0, 8.0, 3), (7.0, 15.0, 4)])
+def test_recovers_size_and_dispersion_of_an_independent_simulation(ladder, mean_nm, disp_pct, seed):
+    """A pattern simulated on its own fine ladder (other cut centre), with a polynomial background, toluene and
+    Poisson noise: refined within 0.1 nm and 2 points, from starts 0.5 nm and 5 points off on either side, and
+    the two starts agree within their uncertainties."""
+    pat = pattern.simulate(Q, shape="sphere", diameter_nm=mean_nm, dispersion_pct=disp_pct, surface="cation_rich",
+                           centre="random", seed=seed + 10, strain=STRAIN_TRUE, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    true_m, true_c = pat.params["mean_diameter_nm"], pat.params["size_dispersion_pct"]
+    y = observe(per_atom(pat), np.random.default_rng(seed), solvent_ratio=0.5)
+    fits = []
+    for dm, dc in ((0.5, 5.0), (-0.5, -5.0)):
+        r = rf.refine(Q, y, {"mean_diameter_nm": mean_nm + dm, "size_dispersion_pct": max(disp_pct + dc, 0.0)},
+                      energy_kev=ENERGY_KEV, ladder=ladder, solvent=["toluene"]).refined
+        assert abs(r["mean_diameter_nm"] - true_m) < 0.1
+        assert abs(r["size_dispersion_pct"] - true_c) < 2.0
+        assert abs(r["lattice_parameter_angstrom"] - 5.936 * (1 + STRAIN_TRUE)) < 0.002
+        assert abs(r["b_iso"]["Pb"] - B_TRUE["Pb"]) < 0.15
+        assert r["reduced_chi2"] < 1.5 and "poor_fit" not in r["flags"]
+        assert r["weighting"] == "poisson" and r["background"]["solvent_toluene"] > 0
+        fits.append(r)
+    a, b = fits
+    for key, std in (("mean_diameter_nm", "mean_diameter_std_nm"), ("size_dispersion_pct", "size_dispersion_std_pct")):
+        assert abs(a[key] - b[key]) <= max(a[std], b[std]) + 1e-9
+
+
+def test_uncertainties_cover_the_truth_and_match_the_scatter(ladder, family_stats):
+    """Over noisy repeats of a pattern the model describes exactly, the 2-sigma intervals of size and dispersion
+    cover the truth in >= 70 % of cases, and the reported sigma matches the scatter of the estimates."""
+    pat = pattern.compose(family_stats, Q, 5.0, 10.0, strain=STRAIN_TRUE, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    truth = np.array([pat.params["mean_diameter_nm"], pat.params["size_dispersion_pct"]])
+    i_atom = per_atom(pat)
+    est, std = [], []
+    for seed in range(10):
+        r = rf.refine(Q, observe(i_atom, np.random.default_rng(100 + seed), max_counts=1e4),
+                      {"mean_diameter_nm": 5.4, "size_dispersion_pct": 14.0}, energy_kev=ENERGY_KEV,
+                      ladder=ladder).refined
+        est.append([r["mean_diameter_nm"], r["size_dispersion_pct"]])
+        std.append([r["mean_diameter_std_nm"], r["size_dispersion_std_pct"]])
+    est, std = np.array(est), np.array(std)
+    coverage = np.mean(np.abs(est - truth) <= 2 * std, axis=0)
+    assert np.all(coverage >= 0.7), coverage
+    ratio = est.std(axis=0, ddof=1) / std.mean(axis=0)
+    assert np.all((ratio > 0.4) & (ratio < 2.0)), ratio
+
+
+def test_improves_on_perturbed_starts(ladder, family_stats):
+    """Starts 0.5 nm and 5 points off in every direction: refined errors are far smaller than the starts'."""
+    pat = pattern.compose(family_stats, Q, 6.5, 12.0, strain=-0.002, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    truth = np.array([pat.params["mean_diameter_nm"], pat.params["size_dispersion_pct"]])
+    y = observe(per_atom(pat), np.random.default_rng(7))
+    start_err, fit_err = [], []
+    for dm in (-0.5, 0.5):
+        for dc in (-5.0, 5.0):
+            s = np.array([6.5 + dm, 12.0 + dc])
+            r = rf.refine(Q, y, {"mean_diameter_nm": s[0], "size_dispersion_pct": s[1]}, energy_kev=ENERGY_KEV,
+                          ladder=ladder).refined
+            start_err.append(np.abs(s - truth))
+            fit_err.append(np.abs([r["mean_diameter_nm"], r["size_dispersion_pct"]] - truth))
+    start_err, fit_err = np.mean(start_err, axis=0), np.mean(fit_err, axis=0)
+    assert np.all(fit_err < 0.2 * start_err), (fit_err, start_err)
+
+
+def test_robust_weights_for_non_count_data(ladder, family_stats):
+    """Scaled, non-integer data without sigma: the noise estimated from the data gives a reduced chi-square near
+    1, and uncertainties comparable to those from the true Poisson weights."""
+    pat = pattern.compose(family_stats, Q, 4.5, 9.0, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    y = observe(per_atom(pat), np.random.default_rng(11))
+    start = {"mean_diameter_nm": 4.8, "size_dispersion_pct": 12.0}
+    counts = rf.refine(Q, y, start, energy_kev=ENERGY_KEV, ladder=ladder).refined
+    scaled = rf.refine(Q, y * 0.0137, start, energy_kev=ENERGY_KEV, ladder=ladder).refined
+    assert counts["weighting"] == "poisson" and scaled["weighting"] == "robust"
+    assert 0.7 < scaled["reduced_chi2"] < 1.4
+    assert abs(scaled["mean_diameter_nm"] - counts["mean_diameter_nm"]) < 2 * counts["mean_diameter_std_nm"]
+    assert 0.6 < scaled["mean_diameter_std_nm"] / counts["mean_diameter_std_nm"] < 1.6
+
+
+def test_flags_a_poor_fit_and_a_singular_covariance(ladder, family_stats):
+    """Unmodelled solvent scattering at high counts makes a poor fit; two identical background terms make the
+    covariance singular: both flagged with a message, uncertainties undetermined (None), never an exception."""
+    pat = pattern.compose(family_stats, Q, 5.0, 10.0, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    y = observe(per_atom(pat), np.random.default_rng(5), max_counts=1e5, solvent_ratio=2.0)
+    start = {"mean_diameter_nm": 5.0, "size_dispersion_pct": 10.0}
+    poor = rf.refine(Q, y, start, energy_kev=ENERGY_KEV, ladder=ladder, background_degree=1).refined
+    assert "poor_fit" in poor["flags"] and poor["reduced_chi2"] > 3
+    good = rf.refine(Q, y, start, energy_kev=ENERGY_KEV, ladder=ladder, solvent=["toluene"]).refined
+    assert "poor_fit" not in good["flags"] and good["reduced_chi2"] < 1.5
+    sing = rf.refine(Q, y, start, energy_kev=ENERGY_KEV, ladder=ladder, solvent=["toluene", "toluene"]).refined
+    assert "singular_covariance" in sing["flags"]
+    assert any("solvent_toluene" in m for m in sing["messages"])
+    assert sing["mean_diameter_std_nm"] is None
+    json.dumps(sing, allow_nan=False)  # JSON-ready even then
+
+
+@pytest.mark.parametrize("q, y, start, kw, match", [
+    (np.linspace(1.0, 5.0, 801), None, {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {},
+     r"cover Q = 1\.000-5\.000 1/A: expected at least 1\.2-7 1/A"),
+    (Q, None, {"mean_diameter_nm": float("nan"), "size_dispersion_pct": 10}, {}, "start.mean_diameter_nm = nan"),
+    (Q, None, {"size_dispersion_pct": 10}, {}, "missing 'mean_diameter_nm'"),
+    (Q, None, {"mean_diameter_nm": -3, "size_dispersion_pct": 10}, {}, "start.mean_diameter_nm = -3"),
+    (Q, np.zeros(Q.size), {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {}, "all intensities"),
+    (Q, np.ones(Q.size - 1), {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {}, "one intensity per Q"),
+    (Q, None, {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {"solvent": ["benzine"]}, "solvent = 'benzine'"),
+    (Q, None, {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {"background_degree": 40}, "background_degree"),
+    (Q, None, {"mean_diameter_nm": 5, "size_dispersion_pct": 10}, {"q_range": (8.0, 3.0)}, "q_range"),
+])
+def test_bad_inputs_give_clear_errors(ladder, q, y, start, kw, match):
+    y = np.full(q.size, 100.0) if y is None else y
+    with pytest.raises(InputError, match=match):
+        rf.refine(q, y, start, ladder=ladder, **kw)
+
+
+def test_cli_refine_json_plot_and_errors(home, ladder, family_stats, tmp_path, capsys):
+    """`qdsize refine FILE --from-json PRED.json` on a 2-theta file: JSON rows with the network's keys and a
+    refined object, a plot; a bad estimates file or a short pattern gives one error line and exit code 2."""
+    import qdsize.platform.cli_refine as cr
+    from qdsize.platform.cli import main
+    from qdsize.sim import measured
+
+    pat = pattern.compose(family_stats, Q, 5.5, 10.0, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
+    f = tmp_path / "dots.xy"
+    measured.write_pattern_file(f, TWO_THETA, observe(per_atom(pat), np.random.default_rng(2)), x_unit="2theta",
+                                wavelength_angstrom=WAVELENGTH_A)
+    pred = tmp_path / "pred.json"
+    pred.write_text(json.dumps([{"file": str(f), "mean_diameter_nm": 5.1, "size_dispersion_pct": 14.0,
+                                 "mean_diameter_std_nm": 0.3, "size_dispersion_std_pct": 3.0}]))
+    png = tmp_path / "fit.png"
+    assert main(["refine", str(f), "--from-json", str(pred), "--format", "json", "--plot", str(png)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    r = rows[0]["refined"]
+    assert rows[0]["mean_diameter_nm"] == 5.1 and rows[0]["file"] == str(f)
+    assert abs(r["mean_diameter_nm"] - pat.params["mean_diameter_nm"]) < 0.1
+    assert {"mean_diameter_std_nm", "size_dispersion_std_pct", "lattice_parameter_angstrom", "b_iso", "scale",
+            "background", "rwp", "reduced_chi2", "correlation", "flags", "n_evaluations", "seconds"} <= set(r)
+    assert r["energy_kev"] == pytest.approx(ENERGY_KEV, rel=1e-6)  # from the file's wavelength header
+    assert png.stat().st_size > 10_000
+
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["refine", str(f), "--from-json", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and "Traceback" not in err
+
+    short = tmp_path / "short.xy"
+    measured.write_pattern_file(short, Q[Q < 5.0], np.full((Q < 5.0).sum(), 50.0), x_unit="q_A")
+    pred.write_text(json.dumps([{"file": str(short), "mean_diameter_nm": 5.1, "size_dispersion_pct": 14.0}]))
+    assert main(["refine", str(short), "--from-json", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert "short.xy" in err and "expected at least 1.2-7 1/A" in err and "Traceback" not in err
+
+    # refine_rows keeps the rows' order and keys, and reports a failing file without stopping the batch
+    rows = [{"file": str(short), "mean_diameter_nm": 5.0, "size_dispersion_pct": 10.0, "model_uri": "m"},
+            {"file": str(f), "mean_diameter_nm": 5.0, "size_dispersion_pct": 10.0, "model_uri": "m"}]
+    out = cr.refine_rows(rows, [short, f], use_ray=False)
+    assert [o["file"] for o in out] == [str(short), str(f)] and out[1]["model_uri"] == "m"
+    assert "short.xy" in out[0]["refined"]["error"]
+    assert abs(out[1]["refined"]["mean_diameter_nm"] - pat.params["mean_diameter_nm"]) < 0.1
