@@ -592,7 +592,7 @@ def refine(q_inv_angstrom, intensity, start: dict, *, sigma=None, energy_kev: fl
         "background": {b: float(x[n_nl + 1 + i]) for i, b in enumerate(bnames)},
         "background_std": {b: float(std[n_nl + 1 + i]) for i, b in enumerate(bnames)},
         "rwp": rwp, "reduced_chi2": red, "weighting": weighting,
-        "correlation": {"parameters": names, "matrix": np.round(np.nan_to_num(corr, nan=0.0), 4).tolist()},
+        "correlation": {"parameters": names, "matrix": np.round(corr, 4).tolist()},
         "flags": flags, "messages": messages,
         "n_points": int(q.size), "q_range_inv_angstrom": [float(q[0]), float(q[-1])],
         "start": {"mean_diameter_nm": float(start["mean_diameter_nm"]),
@@ -601,4 +601,15 @@ def refine(q_inv_angstrom, intensity, start: dict, *, sigma=None, energy_kev: fl
         "energy_kev": energy_kev, "n_evaluations": int(prob.evaluations),
         "seconds": time.perf_counter() - t0,
     }
-    return RefineResult(refined, q, y, s_used, model, bg)
+    return RefineResult(_finite_or_none(refined), q, y, s_used, model, bg)
+
+
+def _finite_or_none(v):
+    """JSON-safe copy: NaN or infinite numbers (undetermined uncertainties) become None."""
+    if isinstance(v, dict):
+        return {k: _finite_or_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite_or_none(x) for x in v]
+    if isinstance(v, (float, np.floating)):
+        return float(v) if math.isfinite(v) else None
+    return v
