@@ -142,14 +142,18 @@ def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angs
         return [_safe_one(f, s, kw) for f, s in zip(files, starts)]
     from qdsize.platform.simulate import init_ray
     from qdsize.platform.workspace import home
+    from qdsize.sim import refine as rf
 
-    home()  # exported before Ray starts: workers find the same family cache
+    # workers get the resolved ladder and the workspace explicitly: same family cache, same model
+    kw["options"]["ladder_spec"] = {**rf.DEFAULT_LADDER, **(kw["options"].get("ladder_spec") or {})}
+    workspace = str(home())
     _prebuild(files, kw)
     import ray
 
     started = init_ray(address)
     try:
-        task = ray.remote(num_cpus=1, max_retries=1)(_safe_one)
+        task = ray.remote(num_cpus=1, max_retries=1)(_safe_one).options(
+            runtime_env={"env_vars": {"QDSIZE_HOME": workspace}})
         kw_ref = ray.put(kw)
         return ray.get([task.remote(str(f), s, kw_ref) for f, s in zip(files, starts)])
     finally:
