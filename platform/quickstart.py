@@ -121,22 +121,16 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
                   ylabel="I(Q) per atom (electron units)")
     console.print(f"gallery: {out_dir / 'pbs_patterns.png'} ({time.perf_counter() - t:.1f} s)")
 
-    t = _step(console, f"2/4 qdsize simulate conf/dataset/{profile}.yaml (embedded Ray)")
-    _cli(cli, ["simulate", str(REPO / f"conf/dataset/{profile}.yaml")])
-    console.print(f"dataset ready ({time.perf_counter() - t:.1f} s)")
+    from qdsize.platform.simulate import init_ray
 
-    t = _step(console, f"3/4 qdsize sweep conf/sweep/{profile}.yaml (Optuna + Ray Tune + MLflow)")
+    started_ray = init_ray(None)  # one embedded Ray (loopback only) for the simulation and the sweep
+    try:
+        _simulate_and_sweep(cli, console, ws, profile, trials)
+    finally:
+        if started_ray:
+            __import__("ray").shutdown()
     sweep_dir = ws / "sweeps" / profile
-    state = sweep_dir / "sweep.json"
-    args = ["sweep", str(REPO / f"conf/sweep/{profile}.yaml")] + (["--trials", str(trials)] if trials else [])
-    if state.exists() and json.loads(state.read_text()).get("finished"):
-        console.print(f"sweep {profile!r} already finished: reusing its champion")
-    else:
-        _cli(cli, args + (["--resume"] if state.exists() else []))
-        data = json.loads(state.read_text())
-        data["finished"] = True
-        state.write_text(json.dumps(data))
-    console.print(f"sweep done ({time.perf_counter() - t:.1f} s)")
+
 
     t = _step(console, "4/4 qdsize predict examples/*")
     from qdsize.platform.cli_ml import resolve_model
@@ -178,6 +172,24 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
                   "  .venv/bin/qdsize sweep conf/sweep/acnn.yaml           # the full sweep\n"
                   "  on a cluster: --address ray://HEAD:10001 (or RAY_ADDRESS) and --tracking-uri http://MLFLOW:5000")
     return {"rows": rows, "model_uri": predictor.model_uri}
+
+
+def _simulate_and_sweep(cli, console, ws: Path, profile: str, trials: int | None) -> None:
+    t = _step(console, f"2/4 qdsize simulate conf/dataset/{profile}.yaml (embedded Ray)")
+    _cli(cli, ["simulate", str(REPO / f"conf/dataset/{profile}.yaml")])
+    console.print(f"dataset ready ({time.perf_counter() - t:.1f} s)")
+
+    t = _step(console, f"3/4 qdsize sweep conf/sweep/{profile}.yaml (Optuna + Ray Tune + MLflow)")
+    state = ws / "sweeps" / profile / "sweep.json"
+    args = ["sweep", str(REPO / f"conf/sweep/{profile}.yaml")] + (["--trials", str(trials)] if trials else [])
+    if state.exists() and json.loads(state.read_text()).get("finished"):
+        console.print(f"sweep {profile!r} already finished: reusing its champion")
+    else:
+        _cli(cli, args + (["--resume"] if state.exists() else []))
+        data = json.loads(state.read_text())
+        data["finished"] = True
+        state.write_text(json.dumps(data))
+    console.print(f"sweep done ({time.perf_counter() - t:.1f} s)")
 
 
 def _cli(cli, argv: list[str]) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,19 +88,20 @@ def load_sweep_config(path, overrides=()) -> conf.Loaded:
 # ---------------------------------------------------------------------------------------------------------------
 # Pure pieces: the search space and how a sampled point becomes a training config
 # ---------------------------------------------------------------------------------------------------------------
-def define_by_run(space: dict[str, ParamSpec]):
-    """The Optuna define-by-run function: only `trial.suggest_*` calls."""
+class DefineByRun:
+    """The Optuna define-by-run function: only `trial.suggest_*` calls (a class, so Tune can checkpoint it)."""
 
-    def define(trial):
-        for name, s in space.items():
-            if s.type == "float":
-                trial.suggest_float(name, s.low, s.high, log=s.log)
-            elif s.type == "int":
-                trial.suggest_int(name, int(s.low), int(s.high), log=s.log)
+    def __init__(self, space: dict[str, ParamSpec]):
+        self.space = {k: dataclasses.asdict(v) for k, v in space.items()}
+
+    def __call__(self, trial):
+        for name, s in self.space.items():
+            if s["type"] == "float":
+                trial.suggest_float(name, s["low"], s["high"], log=s["log"])
+            elif s["type"] == "int":
+                trial.suggest_int(name, int(s["low"]), int(s["high"]), log=s["log"])
             else:
-                trial.suggest_categorical(name, s.choices)
-
-    return define
+                trial.suggest_categorical(name, s["choices"])
 
 
 def trial_overrides(point: dict) -> dict:
@@ -145,7 +148,9 @@ def run_trial(point: dict, *, base: dict, tracking_uri: str, experiment_id: str,
     result = train(cfg, tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=f"trial-{trial_id}",
                    parent_run_id=parent_run_id, report=tune.report, progress=False)
     final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-    tune.report({**final, "model_uri": result["model_uri"] or "", "run_id": result["run_id"], "done_training": 1})
+    # the last report (iteration max_epochs + 1 at most) carries the frozen-split scores and the logged model
+    tune.report({**final, "val_loss": result["best_val_loss"], "model_uri": result["model_uri"] or "",
+                 "run_id": result["run_id"], "done_training": 1})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +190,8 @@ def sweep(loaded: conf.Loaded, *, trials: int | None = None, address: str | None
     folder.mkdir(parents=True, exist_ok=True)
 
     server, started_ray = None, False
-    uri = tracking_uri or __import__("os").environ.get("MLFLOW_TRACKING_URI")
+    previous_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = tracking_uri or previous_uri
     local = not uri
     if local:  # concurrent trials never write one SQLite file directly: they talk to a local server
         server = LocalServer(tracking.tracking_uri(), tracking.artifacts_dir())
@@ -218,10 +224,10 @@ def sweep(loaded: conf.Loaded, *, trials: int | None = None, address: str | None
         if resume:
             tuner = tune.Tuner.restore(str(folder / "tune"), trainable, resume_unfinished=True, resume_errored=True)
         else:
-            searcher = OptunaSearch(space=define_by_run(sc.space), metric=sc.metric, mode=sc.mode, seed=sc.seed,
+            searcher = OptunaSearch(space=DefineByRun(sc.space), metric=sc.metric, mode=sc.mode, seed=sc.seed,
                                     storage=storage, study_name=sc.name)
             scheduler = ASHAScheduler(time_attr="training_iteration", metric=sc.metric, mode=sc.mode,
-                                      max_t=sc.max_epochs, grace_period=sc.grace_period,
+                                      max_t=sc.max_epochs + 1, grace_period=sc.grace_period,
                                       reduction_factor=sc.reduction_factor)
             tuner = tune.Tuner(trainable,
                                tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler,
@@ -247,6 +253,12 @@ def sweep(loaded: conf.Loaded, *, trials: int | None = None, address: str | None
             __import__("ray").shutdown()
         if server is not None:
             server.stop()
+            # MLflow exported the server's URI to the environment: point back at the store itself
+            if previous_uri is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+            mlflow.set_tracking_uri(tracking.tracking_uri(previous_uri))
 
 
 def _train_base(sc: SweepConfig) -> dict:

@@ -26,3 +26,37 @@ def ray_local():
         yield ray
     finally:
         ray.shutdown()
+
+
+TINY_DATASET = {
+    "dataset": {
+        "name": "tiny", "samples": 1400, "seed": 3, "shard_size": 200,
+        "q": {"min_inv_angstrom": 1.0, "max_inv_angstrom": 10.0, "step_inv_angstrom": 0.01},
+        "sizes": {"min_nm": 2.0, "max_nm": 6.0, "class_width_nm": 1.0},
+        "dispersion": {"class_edges_pct": [0, 5, 10, 20]},
+        "variants": {"shapes": ["sphere", "cuboctahedron"], "surfaces": ["cation_rich"], "centre_seeds": [0]},
+        "ladder": {"min_nm": 1.2, "max_nm": 9.5, "relative_step": 0.03},
+        "nuisance": {"energies_kev": [17.479]},
+        "splits": {"train": 0.75, "val": 0.1, "test": 0.05, "benchmark": 0.05, "seedgrid": 0.05},
+        "seedgrid": {"mean_start_nm": 2.0, "mean_stop_nm": 6.0, "mean_step_nm": 0.5, "dispersions_pct": [5, 10]},
+    }
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A small real dataset (4 size classes, 3 dispersion classes, frozen splits augmented), made without Ray."""
+    from qdsize.platform import config as conf
+    from qdsize.platform import simulate
+
+    root = tmp_path_factory.mktemp("tiny")
+    old = os.environ.get("QDSIZE_HOME")
+    os.environ["QDSIZE_HOME"] = str(root / "home")  # the family cache of this session
+    try:
+        simulate.run(conf.load(conf.DatasetFile, None, data=TINY_DATASET), root / "ds", use_ray=False, quiet=True)
+    finally:
+        if old is None:
+            os.environ.pop("QDSIZE_HOME", None)
+        else:
+            os.environ["QDSIZE_HOME"] = old
+    return root / "ds"

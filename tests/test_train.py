@@ -4,42 +4,11 @@ import json
 
 import mlflow
 import numpy as np
-import pytest
 
 from qdsize.ml import predict
 from qdsize.ml.train import TrainConfig, train
 from qdsize.platform import config as conf
-from qdsize.platform import simulate, tracking
-
-DATASET = {
-    "dataset": {
-        "name": "tiny", "samples": 1400, "seed": 3, "shard_size": 200,
-        "q": {"min_inv_angstrom": 1.0, "max_inv_angstrom": 10.0, "step_inv_angstrom": 0.01},
-        "sizes": {"min_nm": 2.0, "max_nm": 6.0, "class_width_nm": 1.0},
-        "dispersion": {"class_edges_pct": [0, 5, 10, 20]},
-        "variants": {"shapes": ["sphere", "cuboctahedron"], "surfaces": ["cation_rich"], "centre_seeds": [0]},
-        "ladder": {"min_nm": 1.2, "max_nm": 9.5, "relative_step": 0.03},
-        "nuisance": {"energies_kev": [17.479]},
-        "splits": {"train": 0.75, "val": 0.1, "test": 0.05, "benchmark": 0.05, "seedgrid": 0.05},
-        "seedgrid": {"mean_start_nm": 2.0, "mean_stop_nm": 6.0, "mean_step_nm": 0.5, "dispersions_pct": [5, 10]},
-    }
-}
-
-
-@pytest.fixture(scope="module")
-def tiny_dataset(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("tiny")
-    monkeypatch_module.setenv("QDSIZE_HOME", str(root / "home"))
-    loaded = conf.load(conf.DatasetFile, None, data=DATASET)
-    simulate.run(loaded, root / "ds", use_ray=False, quiet=True)
-    return root / "ds"
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+from qdsize.platform import tracking
 
 
 def _cfg(dataset, **kw):

@@ -1,0 +1,184 @@
+"""`qdsize predict` end to end: every format and unit, a registered model, bad files, and the served model."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+
+from qdsize.platform import config as conf
+from qdsize.platform import tracking
+from qdsize.platform.mlflow_server import free_port
+from qdsize.sim import measured, pattern, scattering
+
+
+@pytest.fixture(scope="module")
+def store(tiny_dataset, tmp_path_factory):
+    """A temporary SQLite store holding one trained, registered champion."""
+    from qdsize.ml.train import TrainConfig, train
+
+    home = tmp_path_factory.mktemp("predict-home")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    old = os.environ.get("QDSIZE_HOME")
+    os.environ["QDSIZE_HOME"] = str(home)
+    try:
+        mlflow.set_tracking_uri(uri)
+        exp = tracking.ensure_experiment("qdsize-tiny")
+        cfg = conf.from_dict(TrainConfig, {
+            "dataset": str(tiny_dataset), "epochs": 3, "batch_size": 64, "threads": 2,
+            "model": {"channels": [16, 32, 48], "kernels": [9, 5, 3], "strides": [4, 4, 2], "dropout": 0.0},
+            "augment": {"preset": "default"}}, "train")
+        res = train(cfg, tracking_uri=uri, experiment_id=exp, progress=False)
+        tracking.register(res["model_uri"], {k: v for k, v in res.items() if k.startswith("benchmark_")})
+    finally:
+        if old is None:
+            os.environ.pop("QDSIZE_HOME", None)
+        else:
+            os.environ["QDSIZE_HOME"] = old
+    return {"home": home, "uri": uri}
+
+
+@pytest.fixture(scope="module")
+def sample_files(tmp_path_factory):
+    """One realistic 4 nm sample written in every supported format and x unit."""
+    import torch
+
+    from qdsize.sim import augment
+
+    folder = tmp_path_factory.mktemp("files")
+    q = scattering.q_grid(0.8, 12.0, 0.004)
+    p = pattern.simulate(q, diameter_nm=4.0, dispersion_pct=8.0, shape="cuboctahedron", surface="cation_rich",
+                         b_iso=1.0, energy_kev=17.479)
+    y = augment.from_config({"preset": "realistic"}, q)(torch.as_tensor(p.intensity[None]),
+                                                        torch.Generator().manual_seed(0))[0].numpy()
+    files = {}
+    for fmt in ("xy", "xye", "dat", "chi", "csv"):
+        for unit in ("q_A", "q_nm", "2theta"):
+            lam = 0.5594 if unit == "2theta" else None
+            if unit == "q_A":
+                x, yy = q, y
+            elif unit == "q_nm":
+                x, yy = q * 10, y
+            else:
+                keep = q * lam / (4 * np.pi) < 0.99
+                x, yy = scattering.two_theta_from_q(q[keep], lam), y[keep]
+            path = folder / f"s_{unit}.{fmt}"
+            measured.write_pattern_file(path, x, yy, x_unit=unit, wavelength_angstrom=lam,
+                                        sigma=np.sqrt(np.maximum(yy, 1)) if fmt == "xye" else None)
+            files[(fmt, unit)] = path
+    return files
+
+
+def qdsize(*args, env_home=None, uri=None, timeout=300):
+    env = {**os.environ}
+    if env_home:
+        env["QDSIZE_HOME"] = str(env_home)
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    return subprocess.run([sys.executable, "-m", "qdsize.platform", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+
+
+def test_every_format_and_unit_gives_the_same_answer_through_the_champion(store, sample_files):
+    args = ["predict", *sample_files.values(), "--format", "json"]
+    chi_2theta = [f for (fmt, unit), f in sample_files.items() if fmt == "chi" and unit == "2theta"]
+    # chi files carry no wavelength: 2-theta ones need the flag, so run them apart
+    files = [f for f in sample_files.values() if f not in chi_2theta]
+    r = qdsize("predict", *files, "--format", "json", env_home=store["home"], uri=store["uri"])
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert len(rows) == len(files)
+    for row in rows:
+        for key in ("file", "mean_diameter_nm", "mean_diameter_std_nm", "size_dispersion_pct",
+                    "size_dispersion_std_pct", "size_class", "dispersion_class", "size_class_probs",
+                    "dispersion_class_probs", "model_uri"):
+            assert key in row, key
+        assert row["model_uri"] == "models:/qdsize-pbs@champion"
+        assert abs(sum(row["size_class_probs"]) - 1) < 1e-4
+    d = np.array([row["mean_diameter_nm"] for row in rows])
+    assert np.ptp(d) < 0.1, d  # one sample, whatever the format and unit
+    r2 = qdsize("predict", *chi_2theta, "--wavelength-angstrom", "0.5594", "--format", "csv",
+                env_home=store["home"], uri=store["uri"])
+    assert r2.returncode == 0, r2.stderr
+    line = r2.stdout.splitlines()[1].split(",")
+    assert abs(float(line[1]) - d.mean()) < 0.1
+    assert len(args) > 3
+
+
+def test_a_batch_reports_good_files_and_one_line_per_bad_file(store, sample_files, tmp_path):
+    good = sample_files[("xy", "q_A")]
+    bad = {"empty.xy": b"", "binary.xy": bytes(range(256)) * 10, "onecol.xy": b"1\n2\n3\n",
+           "nan.xy": b"\n".join(b"%f nan" % (1 + i * 0.01) for i in range(900)),
+           "short.xy": b"\n".join(b"%f 5" % (2 + i * 0.005) for i in range(400))}
+    paths = []
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        paths.append(tmp_path / name)
+    r = qdsize("predict", good, *paths, tmp_path / "missing.xy", tmp_path, "--format", "json",
+               env_home=store["home"], uri=store["uri"])
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    rows = json.loads(r.stdout)
+    assert [row["file"] for row in rows] == [str(good)]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("qdsize: error:")]
+    assert len(errors) == len(bad) + 2
+    for name in [*bad, "missing.xy"]:
+        assert any(name in e for e in errors), name
+
+
+def test_no_model_anywhere_says_how_to_make_one(tmp_path, sample_files):
+    from qdsize.ml import predict as pr
+
+    if pr.builtin() is not None:
+        pytest.skip("a released model is installed: it answers instead")
+    r = qdsize("predict", sample_files[("xy", "q_A")], env_home=tmp_path, uri=f"sqlite:///{tmp_path / 'm.db'}")
+    assert r.returncode == 2 and "--model" in r.stderr and "quickstart" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "QDSIZE_HOME": str(store["home"]),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}  # uvicorn
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/qdsize-pbs@champion",
+                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        path = sample_files[("xy", "q_A")]
+        cli = json.loads(qdsize("predict", path, "--format", "json", env_home=store["home"],
+                                uri=store["uri"]).stdout)[0]
+        from qdsize.ml import predict as pr
+
+        mlflow.set_tracking_uri(store["uri"])
+        grid = pr.load("models:/qdsize-pbs@champion").q_inv_angstrom
+        y, mask, _ = measured.resample(measured.read_pattern(path), grid)
+        x = np.where(mask > 0, y, np.nan)
+        body = json.dumps({"inputs": [[None if np.isnan(v) else float(v) for v in x]]}).encode()
+        deadline = time.monotonic() + 180
+        answer = None
+        while time.monotonic() < deadline:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    answer = json.loads(resp.read())
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    pytest.fail("mlflow models serve exited")
+                time.sleep(1)
+        assert answer is not None, "the served model never answered"
+        served = answer["predictions"][0]
+        assert served["mean_diameter_nm"] == pytest.approx(cli["mean_diameter_nm"], rel=1e-4)
+        assert served["size_dispersion_pct"] == pytest.approx(cli["size_dispersion_pct"], rel=1e-4, abs=1e-4)
+        assert list(served["size_class"]) == cli["size_class"]
+    finally:
+        import signal
+
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
