@@ -90,12 +90,14 @@ def refine_one(f, start: dict, *, x_unit=None, wavelength_angstrom=None, energy_
 
 
 def _safe_one(f, start, kw):
-    """Result or error text (so that one bad file does not stop a batch)."""
-    from threadpoolctl import threadpool_limits
-
+    """Result or error text (so that one bad file does not stop a batch). On a Ray worker, `workspace` points
+    the family cache at the driver's $QDSIZE_HOME (a worker may have started before it was set)."""
+    kw = dict(kw)
+    workspace = kw.pop("workspace", None)
+    if workspace:
+        os.environ["QDSIZE_HOME"] = workspace
     try:
-        with threadpool_limits(1):
-            return refine_one(f, start, **kw)
+        return refine_one(f, start, **kw)
     except InputError as exc:
         return str(exc)
 
@@ -112,18 +114,19 @@ def _prebuild(files, kw):
         except InputError:
             continue  # reported by the worker
         q_range = opts.get("q_range") or (1.0, None)
-        lo = max(float(pat.q_inv_angstrom[0]), q_range[0] or 1.0)
-        hi = min(float(pat.q_inv_angstrom[-1]), q_range[1] or np.inf)
-        if not lo < hi:
+        q = pat.q_inv_angstrom
+        q = q[(q >= (q_range[0] or 1.0)) & (q <= (q_range[1] or np.inf))]
+        if q.size < 2:
             continue
-        micro = rf.BOUNDS["microstrain_pct"][1] if opts.get("refine_microstrain") else opts.get("microstrain_pct", 0)
-        key = rf.fine_grid_for(lo, hi, 1 + rf.BOUNDS["strain"][0], 1 + rf.BOUNDS["strain"][1])
-        if (key, micro) not in done:
+        micro = (rf.BOUNDS["microstrain_pct"][1] if opts.get("refine_microstrain", True)
+                 else opts.get("microstrain_pct", 0.0))
+        key = (float(q[0]), float(q[-1]), micro)  # as refine() loads it
+        if key not in done:
             try:
-                rf.load_ladder(lo, hi, spec=opts.get("ladder_spec"), microstrain_max_pct=micro)
+                rf.load_ladder(key[0], key[1], spec=opts.get("ladder_spec"), microstrain_max_pct=micro)
             except InputError:
                 continue
-            done.add((key, micro))
+            done.add(key)
 
 
 def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angstrom=None, energy_kev=None,
@@ -146,14 +149,13 @@ def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angs
 
     # workers get the resolved ladder and the workspace explicitly: same family cache, same model
     kw["options"]["ladder_spec"] = {**rf.DEFAULT_LADDER, **(kw["options"].get("ladder_spec") or {})}
-    workspace = str(home())
+    kw["workspace"] = str(home())
     _prebuild(files, kw)
     import ray
 
     started = init_ray(address)
     try:
-        task = ray.remote(num_cpus=1, max_retries=1)(_safe_one).options(
-            runtime_env={"env_vars": {"QDSIZE_HOME": workspace}})
+        task = ray.remote(num_cpus=1, max_retries=1)(_safe_one)
         kw_ref = ray.put(kw)
         return ray.get([task.remote(str(f), s, kw_ref) for f, s in zip(files, starts)])
     finally:
@@ -285,8 +287,9 @@ def refine_command(
     background_degree: int = typer.Option(3, "--background-degree", help="Degree of the Legendre background."),
     q_min: float = typer.Option(1.0, "--q-min", help="Lowest Q fitted (1/A)."),
     q_max: Optional[float] = typer.Option(None, "--q-max", help="Highest Q fitted (1/A; default: the data's)."),
-    refine_microstrain: bool = typer.Option(False, "--refine-microstrain", help="Also refine the rms "
-                                            "lattice-parameter spread."),
+    refine_microstrain: bool = typer.Option(True, "--refine-microstrain/--no-microstrain",
+                                            help="Refine the rms lattice-parameter spread between particles "
+                                            "(or keep it at zero)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default RAY_ADDRESS; "
                                           "a batch uses an embedded local Ray when there is more than one core)."),
 ):
