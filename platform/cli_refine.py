@@ -242,7 +242,8 @@ def _pm(value, std, digits: int) -> str:
     return f"{value:.{digits}f} ± " + ("?" if std is None else f"{std:.{digits}f}")
 
 
-def _emit(rows: list[dict], fmt: str) -> None:
+def emit_refined(rows: list[dict], fmt: str) -> None:
+    """Print rows that carry a `refined` object: a table of network vs refined values, or JSON."""
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=1))
         return
@@ -312,7 +313,7 @@ def refine_command(
             typer.echo(f"qdsize: note: {f}: {m}", err=True)
         if "error" in r["refined"]:
             failures.append(r["refined"]["error"])
-    _emit(out, fmt)
+    emit_refined(out, fmt)
     for line in failures:
         typer.echo(f"qdsize: error: {line}", err=True)
     if failures:
