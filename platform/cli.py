@@ -188,7 +188,8 @@ def dataset_show(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning input errors into one line on stderr and exit code 2."""
-    import qdsize.platform.cli_ml  # noqa: F401  (registers train, evaluate, sweep, ui)
+    import qdsize.platform.cli_ml  # noqa: F401  (registers train, evaluate, sweep, predict, ui)
+    import qdsize.platform.cli_refine  # noqa: F401  (registers refine)
 
     try:
         app(args=argv, standalone_mode=False)

@@ -173,6 +173,7 @@ def predict(
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
+    refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
     import json
@@ -203,7 +204,14 @@ def predict(
         m = np.stack([mk for _, _, mk in inputs])
         for (f, _, _), res in zip(inputs, predictor.predict(x, m)):
             rows.append({"file": str(f), **res})
+    if refine and rows:
+        from qdsize.platform.cli_refine import emit_refined, refine_rows
+
+        rows = refine_rows(rows, [f for f, _, _ in inputs], x_unit=x_unit,
+                           wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
     _emit(rows, fmt)
+    if refine and rows and fmt == "table":
+        emit_refined(rows, "table")
     if plot is not None and inputs:
         from qdsize.platform.figures import plot_prediction
 

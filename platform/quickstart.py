@@ -181,7 +181,8 @@ def _simulate_and_sweep(cli, console, ws: Path, profile: str, trials: int | None
 
     t = _step(console, f"3/4 qdsize sweep conf/sweep/{profile}.yaml (Optuna + Ray Tune + MLflow)")
     state = ws / "sweeps" / profile / "sweep.json"
-    args = ["sweep", str(REPO / f"conf/sweep/{profile}.yaml")] + (["--trials", str(trials)] if trials else [])
+    args = ["sweep", str(REPO / f"conf/sweep/{profile}.yaml"), f"sweep.train={REPO / f'conf/train/{profile}.yaml'}"]
+    args += ["--trials", str(trials)] if trials else []
     if state.exists() and json.loads(state.read_text()).get("finished"):
         console.print(f"sweep {profile!r} already finished: reusing its champion")
     else:
