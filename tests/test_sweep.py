@@ -56,7 +56,7 @@ def test_sweep_registers_a_champion_and_a_worse_sweep_leaves_it(ray_local, tiny_
     parent_artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"], "sweep")}
     assert {"sweep/trials.csv", "sweep/optuna_history.png"} <= parent_artifacts
     champion = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION)
-    assert champion.version == first["registration"]["version"] and first["registration"]["champion"]
+    assert str(champion.version) == str(first["registration"]["version"]) and first["registration"]["champion"]
     assert "benchmark_joint_accuracy" in champion.tags
 
     # a deliberately worse sweep: a learning rate far too small to learn anything in one epoch
@@ -66,7 +66,7 @@ def test_sweep_registers_a_champion_and_a_worse_sweep_leaves_it(ray_local, tiny_
     assert not worse["registration"]["champion"]
     assert int(worse["registration"]["version"]) == int(champion.version) + 1
     now = client.get_model_version_by_alias(tracking.REGISTERED_MODEL, tracking.CHAMPION)
-    assert now.version == champion.version
+    assert str(now.version) == str(champion.version)
     assert client.get_model_version(tracking.REGISTERED_MODEL, worse["registration"]["version"]).tags[
         "decision"].startswith("kept out")
     # the champion loads and predicts
