@@ -11,7 +11,7 @@ import torch
 
 from qdsize.sim.errors import InputError
 
-from . import evaluate
+from . import evaluate, ood
 from .model import ModelConfig, QDNet
 
 WEIGHTS = "weights.pt"
@@ -28,6 +28,7 @@ class Predictor:
     dispersion_edges_pct: list = field(default_factory=lambda: list(evaluate.DISPERSION_EDGES_PCT))
     model_uri: str = ""
     card: dict = field(default_factory=dict)
+    physics: ood.PhysicsCheck | None = None  # is it this material's scattering at all (None: not checked)
 
     # ---- persistence: plain tensors (loaded with weights_only=True) and JSON, never pickled code
     def save(self, folder: str | Path, card: dict | None = None) -> Path:
@@ -38,6 +39,8 @@ class Predictor:
                 "size_edges_nm": list(self.size_edges_nm), "dispersion_edges_pct": list(self.dispersion_edges_pct),
                 **(card or self.card)}
         (folder / CARD).write_text(json.dumps(meta, indent=1))
+        if self.physics is not None:
+            self.physics.save(folder)
         return folder
 
     @classmethod
@@ -53,7 +56,7 @@ class Predictor:
         net.eval()
         card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}
         return cls(net, np.asarray(meta["q_inv_angstrom"]), meta["size_edges_nm"], meta["dispersion_edges_pct"],
-                   model_uri or str(folder), card)
+                   model_uri or str(folder), card, ood.PhysicsCheck.load(folder))
 
     # ---- inference
     @torch.no_grad()
@@ -67,6 +70,10 @@ class Predictor:
         x = np.where(m > 0, np.nan_to_num(x), 0.0).astype(np.float32)
         pred = evaluate.predict_arrays(self.model, x, m)
         threshold = float(self.model.ood_threshold)
+        if self.physics is not None:
+            evidence, unlike = self.physics.flags(x, m)
+        else:
+            evidence, unlike = np.full(len(x), np.nan), np.zeros(len(x), dtype=bool)
         out = []
         for i in range(len(x)):
             sp, dp = pred["size_probs"][i], pred["dispersion_probs"][i]
@@ -81,7 +88,8 @@ class Predictor:
                 "size_class_probs": [round(float(p), 6) for p in sp],
                 "dispersion_class_probs": [round(float(p), 6) for p in dp],
                 "ood_score": float(pred["ood_score"][i]),
-                "out_of_distribution": bool(pred["ood_score"][i] > threshold),
+                "material_evidence": None if np.isnan(evidence[i]) else round(float(evidence[i]), 4),
+                "out_of_distribution": bool(pred["ood_score"][i] > threshold or unlike[i]),
                 "model_uri": self.model_uri,
             })
         return out

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from qdsize.sim.errors import bad
 
-from . import data, evaluate
+from . import data, evaluate, ood
 from .model import ModelConfig, QDNet, pick_device
 
 REGISTERED_MODEL = "qdsize-pbs"
@@ -127,6 +127,16 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict) -> dict[str, float]:
                         for a in range(0, len(x), 1024)])
     result["ood_threshold"] = model.fit_ood(pooled)
     return result
+
+
+def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: np.ndarray,
+                      n_clean: int = 4000, n_val: int = 1500) -> ood.PhysicsCheck:
+    """The material check that travels with the model: templates from clean training patterns, thresholds from
+    the augmented validation patterns the network was calibrated on."""
+    clean, lab = data.read_split(dataset, "train", limit=n_clean)
+    check = ood.PhysicsCheck.build(q, clean, lab["mean_diameter_nm"], lab["size_dispersion_pct"])
+    check.fit_threshold(x_val[:n_val], mask_val[:n_val])
+    return check
 
 
 def frozen_split_scores(model: QDNet, dataset: str, device, edges) -> tuple[dict, dict]:
@@ -289,6 +299,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         # ---- calibration on validation, then the frozen splits
         cal = calibrate(model, xv_t, mask_v, yv)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
+        physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy())
         scores, preds = frozen_split_scores(model, dataset, device, edges)
         mlflow.log_metrics(scores)
         mlflow.log_metric("best_val_loss", best)
@@ -302,7 +313,8 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
 
             model = model.cpu()
             card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict()}
-            model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card), xv[:2])
+            model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card, physics=physics),
+                                   xv[:2])
             mlflow.set_tag("qdsize.model_uri", model_uri)
         result = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": model_uri,
                   "best_val_loss": best, **scores, **{f"val_{k}": v for k, v in vm.items()}}

@@ -176,7 +176,6 @@ def predict(
     refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
-    import json
     import sys
 
     import numpy as np
@@ -227,6 +226,14 @@ def predict(
         sys.exit(2)
 
 
+def _flag(row: dict) -> str:
+    """The table's flag: why a pattern should not be trusted, if it should not."""
+    if not row["out_of_distribution"]:
+        return ""
+    ev = row.get("material_evidence")
+    return "OUT OF DISTRIBUTION" + ("" if ev is None else f" (material evidence {ev:.2f})")
+
+
 def _emit(rows: list[dict], fmt: str) -> None:
     import csv
     import io
@@ -238,7 +245,7 @@ def _emit(rows: list[dict], fmt: str) -> None:
     if fmt == "csv":
         buf = io.StringIO()
         keys = ["file", "mean_diameter_nm", "mean_diameter_std_nm", "size_dispersion_pct", "size_dispersion_std_pct",
-                "size_class", "dispersion_class", "ood_score", "out_of_distribution", "model_uri"]
+                "size_class", "dispersion_class", "ood_score", "material_evidence", "out_of_distribution", "model_uri"]
         w = csv.DictWriter(buf, keys, extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -256,7 +263,7 @@ def _emit(rows: list[dict], fmt: str) -> None:
                       f"{r['size_dispersion_pct']:.1f} ± {r['size_dispersion_std_pct']:.1f}",
                       "{:g}-{:g} nm".format(*r["size_class"]), f"{max(r['size_class_probs']):.2f}",
                       "{:g}-{:g} %".format(*r["dispersion_class"]), f"{max(r['dispersion_class_probs']):.2f}",
-                      "OUT OF DISTRIBUTION" if r["out_of_distribution"] else "")
+                      _flag(r))
     Console().print(table)
     if rows:
         Console().print(f"model: {rows[0]['model_uri']}")

@@ -110,6 +110,34 @@ def test_every_format_and_unit_gives_the_same_answer_through_the_champion(store,
     assert len(args) > 3
 
 
+def test_what_is_not_pbs_dots_is_flagged_not_sized(store, sample_files, tmp_path, monkeypatch):
+    from qdsize.sim import solvents
+
+    monkeypatch.setenv("COLUMNS", "250")  # the table on a wide terminal, so the flag is not wrapped
+
+    q = scattering.q_grid(0.8, 12.0, 0.004)
+    rng = np.random.default_rng(0)
+    toluene = solvents.solvent_intensity("toluene", q)
+    kapton = solvents.capillary_intensity("kapton", q)
+    cdse = pattern.simulate(q, material="cdse", diameter_nm=4.0, dispersion_pct=8.0, b_iso=1.0).intensity
+    others = {"toluene.xy": rng.poisson(2000 * toluene / toluene.max()), "capillary.xy": kapton,
+              "noise.xy": rng.poisson(80.0, len(q)), "cdse.xy": cdse}
+    paths = []
+    for name, y in others.items():
+        measured.write_pattern_file(tmp_path / name, q, np.asarray(y, dtype=float), x_unit="q_A")
+        paths.append(tmp_path / name)
+    r = qdsize("predict", sample_files[("xy", "q_A")], *paths, "--format", "json", env_home=store["home"],
+               uri=store["uri"])
+    assert r.returncode == 0, r.stderr
+    rows = {os.path.basename(row["file"]): row for row in json.loads(r.stdout)}
+    pbs = rows.pop("s_q_A.xy")
+    assert not pbs["out_of_distribution"] and pbs["material_evidence"] > 0.9, pbs
+    evidence = {k: v["material_evidence"] for k, v in rows.items()}
+    assert all(row["out_of_distribution"] for row in rows.values()), evidence
+    table = qdsize("predict", *paths[:1], env_home=store["home"], uri=store["uri"])
+    assert "OUT OF DISTRIBUTION" in table.stdout
+
+
 def test_a_batch_reports_good_files_and_one_line_per_bad_file(store, sample_files, tmp_path):
     good = sample_files[("xy", "q_A")]
     bad = {"empty.xy": b"", "binary.xy": bytes(range(256)) * 10, "onecol.xy": b"1\n2\n3\n",
