@@ -98,7 +98,8 @@ def augment_gallery(out: Path = typer.Option(Path("augment_gallery.png"), "-o", 
 def simulate(
     config: Path = typer.Argument(..., help="Dataset config (YAML), e.g. conf/dataset/pbs.yaml."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Config overrides key=value (dotted keys)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Dataset folder (default $QDSIZE_HOME/datasets/NAME)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                       help="Dataset folder (default $QDSIZE_HOME/datasets/NAME)."),
     samples: Optional[int] = typer.Option(None, "--samples", help="Total samples over all splits."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Dataset seed."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default RAY_ADDRESS, "

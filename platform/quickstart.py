@@ -1,4 +1,4 @@
-"""`make quickstart`: simulate, sweep, register a champion and predict the shipped examples, all on embedded defaults."""
+"""`make quickstart`: simulate, sweep, register a champion and predict the shipped examples on embedded defaults."""
 
 from __future__ import annotations
 
@@ -74,7 +74,8 @@ def write_examples(folder: Path, seed: int = 7) -> list[Path]:
                 torch.Generator().manual_seed(seed + i))[0].numpy()
         title = (f"qdsize example {name}: true mean_diameter_nm={p.params['mean_diameter_nm']:.3f} "
                  f"size_dispersion_pct={p.params['size_dispersion_pct']:.2f} shape={shape} surface={surface} "
-                 f"solvent={solvent} B_Pb={b['Pb']:.2f} B_S={b['S']:.2f}" + (f" wavelength_angstrom={lam}" if lam else ""))
+                 f"solvent={solvent} B_Pb={b['Pb']:.2f} B_S={b['S']:.2f}"
+                 + (f" wavelength_angstrom={lam}" if lam else ""))
         if unit == "q_A":
             x = q
         elif unit == "q_nm":

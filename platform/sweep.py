@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps: Optuna (define-by-run) through Ray Tune with ASHA, nested MLflow runs, champion registration."""
+"""Hyperparameter sweeps: Optuna (define-by-run) through Ray Tune with ASHA, nested MLflow runs, the champion."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Debye scattering engines: exact lattice pair counting by FFT, a numba atomistic histogram, and a brute-force oracle."""
+"""Debye scattering engines: exact lattice pair counting by FFT, a numba atomistic histogram, a brute-force oracle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Solvent molecules, liquid structure, capillary glasses and incoherent scattering as curves on a Q grid (electron units)."""
+"""Solvent molecules, liquid structure, capillary glasses and incoherent scattering on a Q grid (electron units)."""
 
 from __future__ import annotations
 

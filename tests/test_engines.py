@@ -9,7 +9,7 @@ import itertools
 import numpy as np
 import pytest
 
-from qdsize.sim import cluster, crystal, debye, scattering
+from qdsize.sim import cluster, crystal, debye
 from qdsize.sim.errors import InputError
 
 SHAPES = ("sphere", "cube", "cuboctahedron", "truncated_octahedron", "octahedron")
@@ -48,7 +48,8 @@ def _f_xraydb(element, q, energy_kev=None):
 
     f = np.asarray(xraydb.f0(element, q / (4 * np.pi)), dtype=float).astype(complex)
     if energy_kev is not None:
-        f = f + float(xraydb.f1_chantler(element, energy_kev * 1e3)) + 1j * float(xraydb.f2_chantler(element, energy_kev * 1e3))
+        ev = energy_kev * 1e3
+        f = f + float(xraydb.f1_chantler(element, ev)) + 1j * float(xraydb.f2_chantler(element, ev))
     return f
 
 
