@@ -64,6 +64,21 @@ def ladder_for(mean_diameter_nm: float, dispersion_pct: float, relative_step: fl
     return np.geomspace(lo, hi, n)
 
 
+def bracketing_ladder(xtal: crystals.Crystal, shape: str, mean_diameter_nm: float, dispersion_pct: float,
+                      **kw) -> list[clusters.Cluster]:
+    """The ladder's clusters, widened by whole shells until they bracket the mean: a narrow distribution may
+    otherwise fall between two shell closures and meet only one of them."""
+    targets = ladder_for(mean_diameter_nm, dispersion_pct)
+    for widen in range(1, 40):
+        ladder = clusters.cut_ladder(xtal, shape, targets, **kw)
+        d = [c.diameter_nm for c in ladder]
+        if min(d) <= mean_diameter_nm <= max(d):
+            return ladder
+        step = 1.0 + 0.01 * widen
+        targets = np.concatenate([[targets[0] / step], targets, [targets[-1] * step]])
+    raise bad("diameter_nm", mean_diameter_nm, "a mean diameter that complete-shell clusters can bracket")
+
+
 def simulate(q_inv_angstrom, *, material: str = "pbs", shape: str = "sphere", diameter_nm: float,
              dispersion_pct: float = 0.0, surface: str = "as_cut", anion_removal: float = 0.5,
              centre: str = "atom", facet_ratio: float | None = None, a_angstrom: float | None = None,
@@ -86,7 +101,7 @@ def simulate(q_inv_angstrom, *, material: str = "pbs", shape: str = "sphere", di
                   "mean_atoms_per_particle": float(c.n_atoms), "n_ladder_sizes": 1, "atom_counts": c.counts()}
         pat = Pattern(np.asarray(q_inv_angstrom, dtype=np.float64), i_q, params)
     else:
-        ladder = clusters.cut_ladder(xtal, shape, ladder_for(diameter_nm, dispersion_pct), **kw)
+        ladder = bracketing_ladder(xtal, shape, diameter_nm, dispersion_pct, **kw)
         stats = debye.lattice_statistics(ladder)
         pat = compose(stats, q_inv_angstrom, diameter_nm, dispersion_pct, strain=strain,
                       microstrain_pct=microstrain_pct, b_iso=b_iso, energy_kev=energy_kev)

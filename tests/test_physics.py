@@ -190,3 +190,13 @@ def test_two_theta_and_q_grids_round_trip():
                                rtol=1e-12)
     g = scattering.q_grid(1.0, 10.0, 0.005)
     assert g.size == 1801 and g[-1] == pytest.approx(10.0)
+
+
+def test_a_narrow_distribution_between_two_shell_closures_still_simulates():
+    """0.5 % around 2.65 nm meets a single shell closure on the default ladder: the ladder widens to bracket it."""
+    from qdsize.sim import pattern
+
+    q = np.arange(1.0, 6.0, 0.01)
+    p = pattern.simulate(q, diameter_nm=2.648748719756762, dispersion_pct=0.5)
+    assert abs(p.params["mean_diameter_nm"] - 2.648748719756762) < 1e-3
+    assert p.params["n_ladder_sizes"] >= 2 and np.all(np.isfinite(p.intensity))
