@@ -46,6 +46,7 @@ class TrainConfig:
     max_train_rows: int | None = None
     max_val_rows: int | None = 20000
     threads: int | None = None
+    score_frozen_every_epoch: bool = False  # also score benchmark/seedgrid after each epoch (learning curves)
     loss: LossWeights = field(default_factory=LossWeights)
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: dict[str, Any] = field(default_factory=lambda: {"preset": "default"})
@@ -278,6 +279,8 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
                    "val_joint_accuracy": vm["joint_accuracy"], "val_mean_diameter_mae": vm["mean_diameter_mae_nm"],
                    "val_dispersion_mae": vm["dispersion_mae_pct"], "val_ece": vm["ece"],
                    "patterns_per_s": n / (time.perf_counter() - t0)}
+            if cfg.score_frozen_every_epoch:
+                row.update(frozen_split_scores(model, dataset, device, edges)[0])
             history.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if report is not None:
