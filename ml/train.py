@@ -51,6 +51,10 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: dict[str, Any] = field(default_factory=lambda: {"preset": "default"})
     truncation: data.TruncationConfig = field(default_factory=data.TruncationConfig)
+    # curriculum: augmentation grows from `augment_anchor` (a typical laboratory measurement) to the full ranges
+    # over this many epochs; 0 = full ranges from the start
+    augment_warmup_epochs: int = 0
+    augment_anchor: str = "realistic"
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience"):
@@ -58,6 +62,8 @@ class TrainConfig:
                 raise bad(f"train.{name}", getattr(self, name), "a positive integer")
         if not self.lr > 0:
             raise bad("train.lr", self.lr, "a positive learning rate")
+        if int(self.augment_warmup_epochs) < 0:
+            raise bad("train.augment_warmup_epochs", self.augment_warmup_epochs, "a non-negative number of epochs")
         if self.weight_decay < 0:
             raise bad("train.weight_decay", self.weight_decay, "a non-negative weight decay")
 
@@ -79,6 +85,34 @@ def make_augmenter(augment_cfg: dict, q_inv_angstrom: np.ndarray):
     from qdsize.sim import augment
 
     return augment.from_config(augment_cfg, q_inv_angstrom)
+
+
+def warmed_augment(augment_cfg: dict, anchor: str, strength: float) -> dict:
+    """The augmentation config at `strength` in [0, 1]: every range and probability moved from the anchor preset's
+    value toward the full configured one (ranges spanning two decades or more move in log space)."""
+    from qdsize.sim import augment
+
+    full = augment.config_from(augment_cfg).to_dict()
+    base = augment.config_from({"preset": anchor}).to_dict()
+    out: dict = {"preset": augment_cfg.get("preset", "default")}
+    for name, section in full.items():
+        a, o = base.get(name, {}), dict(section)
+        if "probability" in section:
+            p0 = a.get("probability", 0.0) if a.get("enabled", False) else 0.0
+            o["probability"] = p0 + strength * (section["probability"] - p0)
+        for key, v in section.items():
+            av = a.get(key)
+            numeric = isinstance(v, list) and len(v) == 2 and all(isinstance(t, (int, float)) for t in v)
+            if not numeric or not isinstance(av, list) or all(isinstance(t, int) for t in v):
+                continue
+            lo, hi = float(v[0]), float(v[1])
+            c = float(np.clip(np.mean(av), lo, hi))
+            if lo > 0 and hi >= 100 * lo:
+                o[key] = [float(np.exp(np.log(c) + strength * np.log(b / c))) for b in (lo, hi)]
+            else:
+                o[key] = [c + strength * (b - c) for b in (lo, hi)]
+        out[name] = o
+    return out
 
 
 def resolve_dataset(path: str) -> str:
@@ -245,7 +279,11 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
 
         best, best_state, bad_epochs = float("inf"), None, 0
         for epoch in range(cfg.epochs):
-            # ---- one pass over the training split
+            # ---- one pass over the training split (augmentation warming up to its full ranges, if asked)
+            if cfg.augment_warmup_epochs and epoch <= cfg.augment_warmup_epochs:
+                strength = epoch / cfg.augment_warmup_epochs
+                train_stream.augment = make_augmenter(warmed_augment(cfg.augment, cfg.augment_anchor, strength), q)
+                mlflow.log_metric("augment_strength", strength, step=epoch + 1)
             model.train()
             t0, sums, n = time.perf_counter(), {}, 0
             bar = _progress(progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")

@@ -4,6 +4,7 @@ import json
 
 import mlflow
 import numpy as np
+import pytest
 
 from qdsize.ml import predict
 from qdsize.ml.train import TrainConfig, train
@@ -72,3 +73,20 @@ def test_same_seed_gives_the_same_metrics(tiny_dataset, tmp_path):
     b = train(_cfg(tiny_dataset, epochs=2), tracking_uri=uri, experiment_id=exp, progress=False, log_model=False)
     for k in ("best_val_loss", "val_size_accuracy", "benchmark_mean_diameter_mae_nm"):
         assert a[k] == b[k], k
+
+
+def test_augmentation_warm_up_runs_from_the_anchor_to_the_full_ranges():
+    from qdsize.ml.train import warmed_augment
+    from qdsize.sim import augment
+
+    full = augment.config_from({"preset": "default"}).to_dict()
+    anchor = augment.config_from({"preset": "realistic"}).to_dict()
+    start, half, end = (warmed_augment({"preset": "default"}, "realistic", s) for s in (0.0, 0.5, 1.0))
+    for cfg in (start, half, end):
+        augment.config_from(cfg)  # every step is a valid configuration
+    assert start["solvent"]["ratio"] == pytest.approx(anchor["solvent"]["ratio"])
+    assert start["gaps"]["probability"] == 0.0  # off in the anchor
+    assert end["solvent"]["ratio"] == pytest.approx(full["solvent"]["ratio"])
+    assert end["counts"]["max_counts"] == pytest.approx(full["counts"]["max_counts"])
+    lo, hi = half["counts"]["max_counts"]  # two decades or more: geometric
+    assert lo == pytest.approx(10 ** 3.5) and hi == pytest.approx(10 ** 5.5)
