@@ -1,4 +1,4 @@
-"""A local `mlflow server` on 127.0.0.1 over the workspace SQLite store, for concurrent writers (sweeps, tests)."""
+"""A local `mlflow server` (127.0.0.1 unless told otherwise) over a backend store, for concurrent writers."""
 
 from __future__ import annotations
 
@@ -13,34 +13,44 @@ from pathlib import Path
 from qdsize.sim.errors import InputError
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 class LocalServer:
-    """Start with `with LocalServer(backend_uri, artifacts_dir) as uri:`; the process is always stopped."""
+    """Start with `with LocalServer(backend_uri, artifacts_dir) as uri:`; the process is always stopped.
+
+    Artifacts are served through the server (`--serve-artifacts`) from `artifacts_dir`; `host` is the one address
+    it listens on and the only Host header it accepts (with `localhost` when that address is loopback).
+    """
 
     def __init__(self, backend_store_uri: str, artifacts_dir: str | Path, port: int | None = None,
-                 log_file: str | Path | None = None, timeout_s: float = 90.0):
+                 log_file: str | Path | None = None, timeout_s: float = 90.0, host: str = "127.0.0.1"):
         self.backend = backend_store_uri
         self.artifacts = Path(artifacts_dir).resolve()
-        self.port = port or free_port()
+        self.host = host
+        self.port = port or free_port(host)
         self.log_file = Path(log_file) if log_file else self.artifacts.parent / "mlflow-server.log"
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen | None = None
+        self._stopped = False
 
     @property
     def uri(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
+
+    def allowed_hosts(self) -> str:
+        hosts = [self.host] + (["localhost"] if self.host == "127.0.0.1" else [])
+        return ",".join(f"{h}:{self.port}" for h in hosts)
 
     def start(self) -> str:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend,
                "--artifacts-destination", self.artifacts.as_uri(), "--serve-artifacts",
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--allowed-hosts", f"127.0.0.1:{self.port},localhost:{self.port}"]
+               "--host", self.host, "--port", str(self.port), "--workers", "1",
+               "--allowed-hosts", self.allowed_hosts()]
         env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
         env.pop("MLFLOW_TRACKING_URI")
         self._log = open(self.log_file, "ab")
@@ -60,18 +70,23 @@ class LocalServer:
         self.stop()
         raise InputError(f"mlflow server: no answer on {self.uri} within {self.timeout_s:.0f} s; see {self.log_file}")
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the server's process group, then SIGKILL to whatever is left of it (its job runners too)."""
+        if self.proc is not None and not self._stopped:
             import signal
 
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=15)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
+            self._stopped = True
+            if self.proc.poll() is None:
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+                    self.proc.wait(timeout=grace_s)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
                     pass
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
         if getattr(self, "_log", None):
             self._log.close()
 

@@ -18,6 +18,8 @@ from qdsize.platform import dataset as ds
 from qdsize.platform import simulate as sm
 from qdsize.sim import debye, distribution, pattern
 
+import clusterkit  # tests/clusterkit.py
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "dataset" / "smoke.yaml"
 TINY = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=160", "dataset.shard_size=20",
@@ -340,91 +342,15 @@ def test_cli_refuses_a_foreign_dataset_unless_overwrite_and_info_show(home, refe
 NS_ROOT_IP, NS_NODE_IP = "10.213.0.1", "10.213.0.2"
 
 
-def _netns_available() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create a network namespace and a veth pair"
-    if shutil.which("ip") is None:
-        return "the `ip` tool (iproute2) is not installed"
-    r = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"`ip netns` is unavailable: {r.stderr.strip()}"
-    return None
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _kill_started(marker: str) -> None:
-    """Stop exactly the Ray processes started with our own temp dir (and their children), by pid."""
-    import psutil
-
-    procs = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if marker in " ".join(p.info["cmdline"] or []):
-                procs.append(p)
-        except psutil.Error:
-            continue
-    for p in list(procs):
-        try:
-            procs.extend(p.children(recursive=True))
-        except psutil.Error:
-            pass
-    procs = list({p.pid: p for p in procs if p.pid != os.getpid()}.values())
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-
-
-@pytest.mark.skipif(_netns_available() is not None, reason=str(_netns_available()))
+@pytest.mark.skipif(clusterkit.netns_unavailable() is not None, reason=str(clusterkit.netns_unavailable()))
 def test_two_node_cluster_both_nodes_write_shards(home, reference, tmp_path):
     ref, _ = reference
     tag = f"qd{os.getpid() % 100000}"
-    ns, veth_root, veth_ns = f"{tag}ns", f"{tag}a", f"{tag}b"
-    base = Path("/tmp") / f"qdsize-ray-{tag}"  # short: Ray's socket paths must stay under 108 characters
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "token"  # token auth on every node and client (the default of new clusters)
-
-    def sh(*cmd, check=True, timeout=180):
-        r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, timeout=timeout)
-        if check and r.returncode != 0:
-            raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-        return r
-
-    try:
-        sh("ip", "netns", "add", ns)
-        sh("ip", "link", "add", veth_root, "type", "veth", "peer", "name", veth_ns)
-        sh("ip", "link", "set", veth_ns, "netns", ns)
-        sh("ip", "addr", "add", f"{NS_ROOT_IP}/24", "dev", veth_root)
-        sh("ip", "link", "set", veth_root, "up")
-        sh("ip", "netns", "exec", ns, "ip", "addr", "add", f"{NS_NODE_IP}/24", "dev", veth_ns)
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", veth_ns, "up")
-        sh("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-        port = _free_port(NS_ROOT_IP)
-        address = f"{NS_ROOT_IP}:{port}"
-        sh(ray_bin, "start", "--head", f"--node-ip-address={NS_ROOT_IP}", f"--port={port}", "--num-cpus=1",
-           "--include-dashboard=false", f"--ray-client-server-port={_free_port(NS_ROOT_IP)}",
-           f"--temp-dir={base}-head", "--disable-usage-stats")
-        sh("ip", "netns", "exec", ns, ray_bin, "start", f"--address={address}", f"--node-ip-address={NS_NODE_IP}",
-           "--num-cpus=1", f"--temp-dir={base}-node", "--disable-usage-stats")
+    with clusterkit.two_node_ray(tag, NS_ROOT_IP, NS_NODE_IP, clusterkit.ray_env(NS_ROOT_IP, NS_NODE_IP)) as cluster:
         out = tmp_path / "ds"
         r = subprocess.run([sys.executable, "-m", "qdsize.platform", "simulate", str(SMOKE), *TINY,
-                            "--address", address, "--out", str(out), "-q"], capture_output=True, text=True,
-                           timeout=300, env=env)
+                            "--address", cluster.address, "--out", str(out), "-q"], capture_output=True, text=True,
+                           timeout=300, env=cluster.env)
         assert r.returncode == 0, r.stderr[-3000:]
         m = json.loads((out / ds.MANIFEST).read_text())
         assert m["status"] == "complete"
@@ -432,10 +358,3 @@ def test_two_node_cluster_both_nodes_write_shards(home, reference, tmp_path):
         assert nodes == {NS_ROOT_IP, NS_NODE_IP}, nodes
         assert len({rec["node_id"] for rec in m["shards"]}) == 2
         assert checksums(out) == checksums(ref)  # same bytes as on one process
-    finally:
-        _kill_started(f"{base}-node")
-        _kill_started(f"{base}-head")
-        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-        subprocess.run(["ip", "link", "delete", veth_root], capture_output=True)
-        shutil.rmtree(f"{base}-head", ignore_errors=True)
-        shutil.rmtree(f"{base}-node", ignore_errors=True)
