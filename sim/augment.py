@@ -1,11 +1,14 @@
-"""Physics-informed augmentation of simulated I(Q): counts, solvent, capillary, Compton, resolution, Q errors, background."""
+"""Augmentation of simulated I(Q) by physics: counts, solvent, capillary, Compton, resolution, Q errors, background."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +21,12 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "augment"
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 POISSON_EXACT_BELOW = 20.0  # expected counts below which Poisson counts are drawn exactly (inversion)
 POISSON_INVERSION_TERMS = 64  # P(X > 64 | lambda <= 20) < 1e-14
+# resolution: cells of the constant-width coordinate u: at least U_CELLS_PER_FWHM per FWHM of the profile, or
+# U_CELLS_PER_Q_CELL per Q cell where that is finer (narrow profiles), and never wider than Q_CELLS_PER_U_CELL Q
+# cells (a sharp feature inside a u cell loses its position within it)
+U_CELLS_PER_FWHM = 4.0
+U_CELLS_PER_Q_CELL = 2.0
+Q_CELLS_PER_U_CELL = 1.5
 
 
 def _rng(lo, hi, *, bounds=(None, None), log=False, unit="", integer=False):
@@ -59,11 +68,13 @@ class CapillaryConfig:
 
 @dataclass
 class ResolutionConfig:
-    """Gaussian instrumental broadening, FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) (Caglioti-like in Q)."""
+    """Instrumental broadening, pseudo-Voigt with FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) (Caglioti-like in Q);
+    lorentz_fraction is the pseudo-Voigt eta (0 = Gaussian, 1 = Lorentzian of the same FWHM)."""
     enabled: bool = True
     probability: float = _num(1.0, bounds=(0, 1))
     fwhm0_inv_angstrom: tuple = _rng(0.0, 0.04, bounds=(0, 0.5), unit="1/A")
     fwhm_relative: tuple = _rng(0.0, 0.005, bounds=(0, 0.05), unit="(Delta Q / Q)")
+    lorentz_fraction: tuple = _rng(0.0, 0.0, bounds=(0, 1), unit="(pseudo-Voigt eta: 0 = Gaussian, 1 = Lorentzian)")
 
 
 @dataclass
@@ -224,8 +235,8 @@ class AugmentConfig:
         return cls.from_dict({k: {"enabled": False} for k in SECTIONS})
 
     def to_dict(self) -> dict:
-        return {k: {n: (list(v) if isinstance(v, tuple) else v) for n, v in dataclasses.asdict(getattr(self, k)).items()}
-                for k in SECTIONS}
+        return {k: {n: (list(v) if isinstance(v, tuple) else v)
+                    for n, v in dataclasses.asdict(getattr(self, k)).items()} for k in SECTIONS}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,17 +289,121 @@ def from_config(cfg: dict | None, q_inv_angstrom) -> "Augmenter":
 # ---------------------------------------------------------------------------------------------------------------
 # The augmenter
 # ---------------------------------------------------------------------------------------------------------------
-def _box_variance(length: np.ndarray) -> np.ndarray:
-    """Variance (cells^2) of the cell-overlap weights of a centred window of `length` cells."""
-    k = np.floor((length - 1.0) / 2.0)
-    f = (length - 1.0) / 2.0 - k
-    return (2.0 / length) * (k * (k + 1) * (2 * k + 1) / 6.0 + f * (k + 1) ** 2)
+@functools.cache
+def _prime_allocator() -> None:
+    """Once per process: allocate and free one untouched 31 MiB block. glibc's malloc then serves blocks up to that
+    size from its heap and keeps up to twice that free (its dynamic mmap threshold, mallopt(3)) instead of mapping
+    and page-faulting the augmenter's large temporaries afresh on every batch (~30 % of its CPU time on the default
+    grid). Costs nothing; other allocators simply free the block."""
+    torch.empty(31 << 20, dtype=torch.uint8)
+
+
+STEPS = ("compton", "solvent", "capillary", "resolution", "calibration", "background", "counts", "subtraction",
+         "scale", "gaps")  # the physical order of the effects (and the keys of the per-effect timings)
+
+
+def _fft_friendly(n: int) -> int:
+    """The smallest even 2^a 3^b 5^c >= n (a length the real FFT handles fast)."""
+    m = max(int(n) + int(n) % 2, 2)
+    while True:
+        k = m
+        for p in (2, 3, 5):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 2
+
+
+def _warp_sizes(edges: np.ndarray, dq: np.ndarray, ratios: np.ndarray, cap: int) -> tuple[int, ...]:
+    """Cell counts (ascending) offered for the constant-width coordinate u = integral dQ / FWHM(Q). The largest
+    keeps every u cell within 1 / U_CELLS_PER_Q_CELL of a Q cell for every ratio r = fwhm_relative / fwhm0
+    (FWHM = fwhm0 sqrt(1 + r^2 Q^2), widest relative to the cells at the top of the grid), capped at `cap`; then
+    smaller ones in steps of 1/sqrt(2), down to 1/8 of it."""
+    r = np.asarray(ratios, dtype=np.float64)
+    u_span = (np.arcsinh(r * edges[-1]) - np.arcsinh(r * edges[0])) / r  # in units of 1 / fwhm0
+    widest = np.max(u_span * np.sqrt(1.0 + (r * edges[-1]) ** 2)) / dq.min()  # u span x FWHM(top) / cell
+    top = _fft_friendly(min(int(np.ceil(U_CELLS_PER_Q_CELL * widest)), cap))
+    return tuple(sorted({_fft_friendly(max(top * 2 ** (-j / 2), 64)) for j in range(1, 7)} | {top}))
+
+
+def _asinh(x: torch.Tensor) -> torch.Tensor:
+    """asinh of x >= 0, accurate in float32 (torch.asinh is not vectorised on CPU)."""
+    return torch.log1p(x + x * x / (1.0 + torch.sqrt(1.0 + x * x)))
+
+
+def _running_sum(rows: torch.Tensor) -> torch.Tensor:
+    """float64 running sums of each row, starting from 0 (batch, k + 1)."""
+    run = torch.empty(rows.shape[0], rows.shape[1] + 1, dtype=torch.float64, device=rows.device)
+    run[:, 0] = 0.0
+    run[:, 1:] = rows
+    return run.cumsum_(1)
+
+
+def _rebin_cells(cells: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Contents between consecutive fractional positions pos (batch, m + 1), non-decreasing from 0 to n, of the
+    piecewise-constant cells (batch, n): exact overlaps, so the total is conserved. The running sum is float64 so
+    that weak cells far along a strong pattern keep their precision."""
+    i = pos.long()
+    whole = torch.gather(_running_sum(cells), 1, i)
+    part = torch.frac(pos).mul_(torch.gather(torch.nn.functional.pad(cells, (0, 1)), 1, i))
+    return (whole[:, 1:] - whole[:, :-1]).to(cells.dtype).add_(part[:, 1:] - part[:, :-1])
+
+
+def _rebin_linear(padded: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Integrals between consecutive positions x (batch, k + 1), non-decreasing from 0.5 to m + 0.5 (in cells of
+    `padded`, whose first one is centred at 0), of the piecewise-linear curve through m values at the cell centres,
+    flat in the outer half cells; `padded` (batch, m + 2) holds them with the first and last repeated. The total is
+    conserved and smooth curves come back without steps, whatever the cell sizes."""
+    whole = _running_sum(padded[:, 1:] + padded[:, :-1])  # twice the integral up to each centre
+    k = x.long()
+    t = torch.frac(x)
+    left = torch.gather(padded, 1, k)
+    part = torch.addcmul(left, t, torch.gather(padded[:, 1:], 1, k).sub_(left), value=0.5).mul_(t)
+    whole = torch.gather(whole, 1, k)
+    return (whole[:, 1:] - whole[:, :-1]).to(padded.dtype).mul_(0.5).add_(part[:, 1:] - part[:, :-1])
+
+
+def _makhoul_orders(m: int) -> tuple[np.ndarray, np.ndarray]:
+    """The order in which _mirror_convolve reads m cells (evens, then odds backwards) and, for its output, where
+    cell j of the natural order sits in that order, padded by repeating the first and last cell."""
+    to_dct = np.concatenate([np.arange(0, m, 2), np.arange(m - 1, 0, -2)])
+    where = np.argsort(to_dct)
+    return to_dct, np.concatenate([where[:1], where, where[-1:]])
+
+
+def _mirror_convolve(rows, multiplier, twiddle, to_dct, from_dct) -> torch.Tensor:
+    """Convolution of each row (batch, m), m even, with a symmetric kernel under mirror (reflecting) ends: DCT-II,
+    multiply, DCT-III, each DCT one m-point real FFT (Makhoul, IEEE Trans. ASSP 28, 27 (1980)). multiplier
+    (batch, m/2 + 1, 2) holds the kernel's transform at frequencies pi k / m and pi (m - k) / m; twiddle is
+    exp(-i pi k / 2m), k = 0 .. m/2; to_dct and from_dct are _makhoul_orders(m) (the output comes back in the
+    order from_dct asks for). Intensity is conserved exactly when the multiplier is 1 at frequency 0."""
+    spectrum = torch.fft.rfft(rows.index_select(1, to_dct)) * twiddle
+    spectrum = torch.view_as_complex(torch.view_as_real(spectrum) * multiplier) * twiddle.conj()
+    return torch.fft.irfft(spectrum, n=rows.shape[1]).index_select(1, from_dct)
+
+
+def _rows_where(rows: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """new where rows (batch,) is true, else old (no copy when every row is)."""
+    return new if bool(rows.all()) else torch.where(rows[:, None], new, old)
+
+
+class _Batch(NamedTuple):
+    """What every effect of one call sees: the clean batch, its integrals, the grid constants, the generator."""
+    x: torch.Tensor
+    particle: torch.Tensor  # integral of each clean pattern over the grid
+    T: dict
+    gen: torch.Generator | None
+    size: int
+    device: torch.device
+    dtype: torch.dtype
+    tiny: float
 
 
 class Augmenter:
     """Turns ideal simulated patterns (batch, n_q) into what a diffractometer records, per-sample random strengths.
 
-    Order (physical): particle + Compton + solvent + capillary -> resolution -> Q miscalibration -> + flat and
+    Order (physical, STEPS): particle + Compton + solvent + capillary -> resolution -> Q miscalibration -> + flat and
     polynomial background -> counting (Poisson, readout) -> imperfect subtraction of solvent + capillary ->
     overall scale -> detector gaps. Everything that does not depend on the sample is precomputed here.
     """
@@ -301,232 +416,339 @@ class Augmenter:
         if q.size < 4:
             raise bad("q_inv_angstrom", f"grid of {q.size} points", "at least 4 points")
         self.q_inv_angstrom = q
+        _prime_allocator()
         n = q.size
         edges = np.concatenate([[q[0] - 0.5 * (q[1] - q[0])], 0.5 * (q[1:] + q[:-1]), [q[-1] + 0.5 * (q[-1] - q[-2])]])
         dq = np.diff(edges)  # cell widths (trapezoid-like integration weights)
         self._uniform = bool(np.allclose(np.diff(q), q[1] - q[0], rtol=1e-6, atol=0))
-        self._dq = dq
-        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
-        self._t = {"q": t(q), "dq": t(dq)}
+        self._edge0_inv_angstrom, self._cell_inv_angstrom = float(edges[0]), float(q[1] - q[0])
+        self._t = {"q": q, "dq": dq, "edges": edges}  # float64 here; cast to the batch's device and dtype on use
         self._cache: dict = {}
         c = config
         if c.compton.enabled:
             upper = q >= np.median(q)  # self scattering estimate of atoms per pattern: where interference is weak
             fsq = solvents.mean_square_form_factor(c.compton.elements, q)
-            self._t["compton_weight"] = t(np.where(upper, dq, 0.0) / np.sum(np.where(upper, dq * fsq, 0.0)))
-            self._t["compton"] = t(solvents.mean_incoherent(c.compton.elements, q))
+            self._t["compton_weight"] = np.where(upper, dq, 0.0) / np.sum(np.where(upper, dq * fsq, 0.0))
+            self._t["compton"] = solvents.mean_incoherent(c.compton.elements, q)
         if c.solvent.enabled:
             curves = [solvents.solvent_intensity(nm, q) for nm in c.solvent.names]
-            self._t["solvent"] = t(np.array([s / np.sum(s * dq) for s in curves]))
+            self._t["solvent"] = np.array([s / np.sum(s * dq) for s in curves])
         if c.capillary.enabled:
             curves = [solvents.capillary_intensity(nm, q) for nm in c.capillary.materials]
-            self._t["capillary"] = t(np.array([s / np.sum(s * dq) for s in curves]))
+            self._t["capillary"] = np.array([s / np.sum(s * dq) for s in curves])
         if c.resolution.enabled:
-            # sigma^2 in cells = (fwhm0^2 + rel^2 Q^2) / (FWHM_PER_SIGMA^2 dq^2); 3 box passes of variance sigma^2/3
-            self._t["inv_dq2"] = t(1.0 / (FWHM_PER_SIGMA * dq) ** 2)
-            self._t["q2_dq2"] = t((q / (FWHM_PER_SIGMA * dq)) ** 2)
-            sig_max = math.hypot(c.resolution.fwhm0_inv_angstrom[1], c.resolution.fwhm_relative[1] * q[-1]) \
-                / FWHM_PER_SIGMA / dq.min()
-            v_max = max(sig_max**2 / 3.0, 1.0) * 1.01
-            lengths = np.linspace(1.0, 1.0 + 2.0 * math.sqrt(3.0 * v_max) + 4.0, 20001)
-            var = _box_variance(lengths)
-            self._var_step = v_max / 4096
-            self._t["box_length"] = t(np.interp(np.arange(4098) * self._var_step, var, lengths))
+            # r = fwhm_relative / fwhm0 is clamped to [r_min, r_max]: below, FWHM(Q) differs from fwhm0 by < 1e-6
+            # relative; above, fwhm0 is raised to 1 % of fwhm_relative max(Q0, one cell), i.e. 5e-5 relative.
+            self._ratio_min, self._ratio_max = 1e-3 / edges[-1], 100.0 / max(q[0], dq.min())
+            self._u_sizes = _warp_sizes(edges, dq, np.geomspace(self._ratio_min, self._ratio_max, 512),
+                                        cap=max(8 * n, 4096))
+            for m in self._u_sizes:
+                k = np.arange(m // 2 + 1)
+                omega = np.pi * np.stack([k, m - k], 1) / m  # rad per u cell, the pairs _mirror_convolve takes
+                self._t[f"omega{m}"], self._t[f"half_omega2_{m}"] = omega, 0.5 * omega**2
+                self._t[f"log_transfer{m}"] = 3.0 * np.log(np.sinc(omega / (2 * np.pi)))  # of the two rebinnings
+                self._t[f"twiddle{m}"] = np.stack([np.cos(np.pi * k / (2 * m)), -np.sin(np.pi * k / (2 * m))], 1)
+                self._t[f"u_fraction{m}"] = np.arange(m + 1) / m
+                self._t[f"to_dct{m}"], self._t[f"from_dct{m}"] = _makhoul_orders(m)
+            self._edges_signed = bool(edges[0] < 0)
+            self._top_inv_angstrom, self._cell_min_inv_angstrom = float(edges[-1]), float(dq.min())
         if c.calibration.enabled and not self._uniform:
             step = dq.min() / 8.0
             self._qt0, self._qt_step = q[0], step
             grid = q[0] + step * np.arange(int(np.ceil((q[-1] - q[0]) / step)) + 2)
-            self._t["qindex"] = t(np.interp(grid, q, np.arange(n, dtype=np.float64)))
+            self._t["qindex"] = np.interp(grid, q, np.arange(n, dtype=np.float64))
         if c.background.enabled:
             x = 2.0 * (q - q[0]) / (q[-1] - q[0]) - 1.0
             deg = c.background.poly_degree
-            self._t["legendre"] = t(np.array([np.polynomial.legendre.Legendre.basis(k)(x) for k in range(1, deg + 1)]))
+            self._t["legendre"] = np.array([np.polynomial.legendre.Legendre.basis(k)(x) for k in range(1, deg + 1)])
         self._q_span = float(q[-1] - q[0])
 
     # -- helpers ------------------------------------------------------------------------------------------------
     def _on(self, device, dtype):
         key = (str(device), dtype)
         if key not in self._cache:
-            self._cache = {key: {k: v.to(device=device, dtype=dtype) for k, v in self._t.items()}}
+            self._cache = {key: {k: torch.as_tensor(v).to(device=device, dtype=dtype if v.dtype.kind == "f" else None)
+                                 for k, v in self._t.items()}}
         return self._cache[key]
 
     @staticmethod
-    def _draw(gen, shape, device, kind="rand"):
+    def _draw(s: _Batch, shape, kind="rand"):
         """Random numbers from the generator on its own device, moved to the batch's device (seeded on any device)."""
-        gdev = gen.device if gen is not None else torch.device("cpu")
+        gdev = s.gen.device if s.gen is not None else torch.device("cpu")
         fn = torch.rand if kind == "rand" else torch.randn
-        return fn(shape, generator=gen, device=gdev, dtype=torch.float32).to(device)
+        return fn(shape, generator=s.gen, device=gdev, dtype=torch.float32).to(device=s.device, dtype=s.dtype)
 
-    def _strength(self, gen, b, device, rng, meta_log=False):
+    def _strength(self, s: _Batch, rng, log=False, size=None):
         lo, hi = rng
-        u = self._draw(gen, (b,), device)
-        if meta_log:
+        u = self._draw(s, (s.size if size is None else size,))
+        if log:
             return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
         return lo + u * (hi - lo)
 
-    def _gate(self, gen, b, device, p):
+    def _gate(self, s: _Batch, p):
         if p >= 1.0:
-            return torch.ones(b, dtype=torch.bool, device=device)
-        return self._draw(gen, (b,), device) < p
+            return torch.ones(s.size, dtype=torch.bool, device=s.device)
+        return self._draw(s, (s.size,)) < p
 
-    def _pick(self, gen, b, device, k):
-        return torch.clamp((self._draw(gen, (b,), device) * k).long(), max=k - 1)
+    def _pick(self, s: _Batch, k):
+        return torch.clamp((self._draw(s, (s.size,)) * k).long(), max=k - 1)
 
-    # -- effects ------------------------------------------------------------------------------------------------
-    def _blur(self, y, var_cells, T):
-        """Gaussian-like broadening with a per-sample, per-point width: three box passes of continuous length
-        (cell-overlap weights on piecewise-constant cells, through float64 cumulative sums). Intensity per unit
-        Q is conserved (cells weighted by their width)."""
-        n = y.shape[1]
-        v = (var_cells / 3.0).clamp(min=0.0) / self._var_step
-        i0 = v.long().clamp(max=T["box_length"].numel() - 2)
-        fr = (v - i0.to(v.dtype)).clamp(0.0, 1.0)
-        tab = T["box_length"]
-        length = (tab[i0] + fr * (tab[i0 + 1] - tab[i0])).double()
-        centre = torch.arange(n, device=y.device, dtype=torch.float64) + 0.5
-        lo = (centre - 0.5 * length).clamp(0.0, float(n))
-        hi = (centre + 0.5 * length).clamp(0.0, float(n))
-        span = (hi - lo).clamp(min=1e-12)
-        ilo = lo.long().clamp(max=n - 1)
-        ihi = hi.long().clamp(max=n - 1)
-        flo, fhi = lo - ilo, hi - ihi
-        cells = y.double() if self._uniform else y.double() * T["dq"].double()
-        for _ in range(3):
-            csum = torch.nn.functional.pad(torch.cumsum(cells, dim=1), (1, 0))
-            c_lo = torch.gather(csum, 1, ilo) + flo * torch.gather(cells, 1, ilo)
-            c_hi = torch.gather(csum, 1, ihi) + fhi * torch.gather(cells, 1, ihi)
-            cells = (c_hi - c_lo) / span
-        out = cells if self._uniform else cells / T["dq"].double()
-        return out.to(y.dtype)
+    @staticmethod
+    def _mix(which, amount, curves):
+        """Row `which` of curves times amount, per sample, as one small matrix product."""
+        weights = torch.zeros(which.shape[0], curves.shape[0], dtype=curves.dtype, device=curves.device)
+        return weights.scatter_(1, which[:, None], amount[:, None]) @ curves
 
-    def _shift(self, y, src_q, T):
-        """Linear interpolation of each row at its own source positions (flat beyond the ends)."""
-        n = y.shape[1]
+    def _cell_position(self, q, T):
+        """Fractional position of Q values on the grid's cells (0 at the first cell's lower edge, n at the last's
+        upper edge)."""
+        n = self.q_inv_angstrom.size
         if self._uniform:
-            pos = (src_q - float(self.q_inv_angstrom[0])) / float(self.q_inv_angstrom[1] - self.q_inv_angstrom[0])
+            return ((q - self._edge0_inv_angstrom) / self._cell_inv_angstrom).clamp_(0.0, float(n))
+        i = (torch.searchsorted(T["edges"], q.contiguous(), right=True) - 1).clamp_(0, n - 1)
+        return (i + (q - T["edges"][i]) / T["dq"][i]).clamp_(0.0, float(n))
+
+    # -- resolution ---------------------------------------------------------------------------------------------
+    def _broaden(self, y, fwhm0, rel, eta, active, T):
+        """Pseudo-Voigt broadening of the active rows with FWHM(Q) = sqrt(fwhm0^2 + (rel Q)^2), Lorentzian fraction eta.
+
+        In u(Q) = integral dQ / FWHM(Q) (closed form: asinh(r Q) / rel with r = rel / fwhm0) every row's profile has
+        FWHM 1, so the Q-dependent broadening is one convolution with a fixed profile there. Each row gets m equal u
+        cells as the U_CELLS_* constants ask; rows are grouped by the size they need (a few fixed sizes, so the
+        Python loop is over groups, not rows).
+        """
+        ratio = (rel / fwhm0.clamp(min=1e-30)).clamp(self._ratio_min, self._ratio_max)
+        rel_eff = torch.maximum(rel, ratio * fwhm0)  # the clamped law: FWHM = rel_eff sqrt(1/ratio^2 + Q^2)
+        ends = self._warp(ratio, T["edges"][[0, -1]])
+        u_span = (ends[:, 1] - ends[:, 0]) / rel_eff  # the grid's width in FWHMs
+        fwhm_top = rel_eff * torch.sqrt(ratio**-2 + self._top_inv_angstrom**2)
+        cells_per_fwhm = fwhm_top / self._cell_min_inv_angstrom  # Q cells per FWHM where that is fewest
+        need = u_span * torch.maximum(torch.clamp(U_CELLS_PER_Q_CELL * cells_per_fwhm, max=U_CELLS_PER_FWHM),
+                                      cells_per_fwhm / Q_CELLS_PER_U_CELL)
+        sizes = self._u_sizes
+        group = (need[:, None] > torch.tensor(sizes[:-1], device=y.device, dtype=need.dtype)).sum(1)
+        group = torch.where(active, group, len(sizes))  # inactive rows: a group of their own, left as they are
+        counts = torch.bincount(group, minlength=len(sizes) + 1).tolist()
+        if max(counts[:-1]) == y.shape[0]:
+            return self._broaden_rows(y, ratio, u_span, eta, sizes[counts.index(y.shape[0])], T)
+        out = y.clone() if counts[-1] else torch.empty_like(y)
+        for g, m in enumerate(sizes):
+            if counts[g]:
+                rows = torch.nonzero(group == g)[:, 0]
+                out[rows] = self._broaden_rows(y[rows], ratio[rows], u_span[rows], eta[rows], m, T)
+        return out
+
+    def _warp(self, ratio, q):
+        """asinh(ratio Q), i.e. rel_eff u(Q), for each row's ratio (b,) at the Q values q (k,): (b, k)."""
+        arg = ratio[:, None] * q
+        return _asinh(arg.abs()).mul_(arg.sign()) if self._edges_signed else _asinh(arg)
+
+    def _broaden_rows(self, y, ratio, u_span, eta, m, T):
+        """_broaden on m u cells: the Q cells are rebinned onto the u cells (exact overlaps), convolved under mirror
+        ends (intensity conserved exactly) and integrated back over the Q cells along the piecewise-linear curve.
+        The two rebinnings act as sinc^3(omega / 2) on the spectrum; the profile's transform is divided by it
+        (but kept <= 1), so the result is the exact profile wherever the u cells resolve it."""
+        n = y.shape[1]
+        a = self._warp(ratio, T["edges"])  # (b, n + 1)
+        a0, a_span = a[:, :1], a[:, -1:] - a[:, :1]
+        sinh = torch.sinh(torch.addcmul(a0, a_span, T[f"u_fraction{m}"]))  # ratio x Q at the u cell edges
+        if self._uniform:
+            pos = torch.addcmul(torch.tensor(-self._edge0_inv_angstrom / self._cell_inv_angstrom, dtype=y.dtype,
+                                             device=y.device),
+                                sinh, (1.0 / (ratio * self._cell_inv_angstrom))[:, None]).clamp_(0.0, float(n))
+        else:
+            pos = self._cell_position(sinh / ratio[:, None], T)
+        pos[:, 0], pos[:, -1] = 0.0, float(n)
+        content = _rebin_cells(y if self._uniform else y * T["dq"], pos)  # (b, m)
+        fwhm_cells = (m / u_span)[:, None, None]
+        log_transfer = T[f"log_transfer{m}"]
+        multiplier = torch.addcmul(-log_transfer, (fwhm_cells / FWHM_PER_SIGMA) ** 2, T[f"half_omega2_{m}"],
+                                   value=-1.0).exp_()  # the Gaussian's transform / the rebinnings'
+        if self.config.resolution.lorentz_fraction[1] > 0:
+            lorentz = torch.addcmul(-log_transfer, 0.5 * fwhm_cells, T[f"omega{m}"], value=-1.0).exp_()
+            multiplier = torch.lerp(multiplier, lorentz, eta[:, None, None])
+        padded = _mirror_convolve(content, multiplier.clamp_(max=1.0), torch.view_as_complex(T[f"twiddle{m}"]),
+                                  T[f"to_dct{m}"], T[f"from_dct{m}"])
+        per_cell = m / a_span
+        pos = torch.addcmul(0.5 - a0 * per_cell, a, per_cell)  # u position of the Q cell edges, + 1/2
+        pos[:, 0], pos[:, -1] = 0.5, m + 0.5
+        cells = _rebin_linear(padded, pos)
+        return cells if self._uniform else cells / T["dq"]
+
+    # -- calibration --------------------------------------------------------------------------------------------
+    def _source_cells(self, shift, scale, T):
+        """Left grid index and weight for reading each row at its true Q, (Q - shift) / (1 + scale), by linear
+        interpolation (flat beyond the grid)."""
+        n = self.q_inv_angstrom.size
+        if self._uniform:  # fractional index, one fused multiply-add
+            per_cell = 1.0 / ((1.0 + scale) * self._cell_inv_angstrom)
+            offset = -(shift / (1.0 + scale) + float(self.q_inv_angstrom[0])) / self._cell_inv_angstrom
+            pos = torch.addcmul(offset[:, None], T["q"], per_cell[:, None])
         else:
             tab = T["qindex"]
-            u = ((src_q - self._qt0) / self._qt_step).clamp(0.0, tab.numel() - 1.001)
-            j = u.long()
-            pos = tab[j] + (u - j) * (tab[j + 1] - tab[j])
-        pos = pos.clamp(0.0, n - 1.0)
-        i0 = pos.long().clamp(max=n - 2)
-        f = pos - i0
-        return torch.gather(y, 1, i0) * (1 - f) + torch.gather(y, 1, i0 + 1) * f
+            u = (((T["q"][None, :] - shift[:, None]) / (1.0 + scale[:, None]) - self._qt0) / self._qt_step)
+            u = u.clamp_(0.0, tab.numel() - 1.0)
+            j = u.long().clamp_(max=tab.numel() - 2)
+            pos = torch.lerp(tab[j], tab[j + 1], u - j)
+        pos = pos.clamp_(0.0, n - 1.0)
+        i0 = pos.long().clamp_(max=n - 2)
+        return i0, pos.sub_(i0)
 
-    def _poisson(self, lam, gen):
-        """Poisson counts: exact inversion below POISSON_EXACT_BELOW, rounded normal above (variance + 1/12)."""
-        z = self._draw(gen, lam.shape, lam.device, "randn")
-        out = torch.floor(lam + lam.sqrt() * z + 0.5).clamp(min=0.0)
-        small = lam < POISSON_EXACT_BELOW
-        ls = lam[small]
-        if ls.numel():
-            u = self._draw(gen, ls.shape, lam.device)
+    @staticmethod
+    def _lerp(y, i0, f):
+        return torch.lerp(torch.gather(y, 1, i0), torch.gather(y[:, 1:], 1, i0), f)
+
+    # -- counts -------------------------------------------------------------------------------------------------
+    def _poisson(self, lam, s: _Batch):
+        """Poisson counts: exact inversion below POISSON_EXACT_BELOW, rounded normal above (variance + 1/12). The
+        inversion runs on the draws still searching only (compacted every few terms), so its cost follows the
+        counts drawn rather than the largest."""
+        z = self._draw(s, lam.shape, "randn")
+        out = torch.floor(torch.addcmul(lam, lam.sqrt(), z).add_(0.5)).clamp_(min=0.0)
+        where = torch.nonzero((lam < POISSON_EXACT_BELOW).view(-1))[:, 0]
+        if where.numel():
+            flat = out.view(-1)
+            ls = lam.view(-1)[where]
+            u = self._draw(s, ls.shape)
             p = torch.exp(-ls)
             cdf = p.clone()
             k = torch.zeros_like(ls)
             for m in range(1, POISSON_INVERSION_TERMS + 1):
-                more = u > cdf
-                if m % 8 == 1 and not bool(more.any()):
-                    break  # every draw has found its count (same result as running all terms)
-                k = k + more.to(k.dtype)
+                k += u > cdf
                 p = p * ls / m
-                cdf = cdf + p
-            out[small] = k
+                cdf += p
+                if m % 8 == 0 or m == POISSON_INVERSION_TERMS:
+                    done = u <= cdf  # found its count: no later term can add to it
+                    flat[where[done]] = k[done]
+                    searching = ~done
+                    if not bool(searching.any()):
+                        break
+                    where, ls, u, p, cdf, k = (t[searching] for t in (where, ls, u, p, cdf, k))
         return out
 
+    # -- effects: (y, blank, batch) -> (y, blank) ---------------------------------------------------------------
+    def _compton(self, y, blank, s: _Batch):
+        c = self.config.compton
+        on = self._gate(s, c.probability)
+        frac = self._strength(s, c.fraction) * on
+        atoms = (s.x @ s.T["compton_weight"]).clamp(min=0.0)
+        return torch.addcmul(y, (frac * atoms)[:, None], s.T["compton"]), blank
+
+    def _solvent(self, y, blank, s: _Batch):
+        c = self.config.solvent
+        on = self._gate(s, c.probability)
+        which = self._pick(s, len(c.names))
+        ratio = self._strength(s, c.ratio) * on
+        added = self._mix(which, ratio * s.particle, s.T["solvent"])
+        return y + added, added if blank is None else blank + added
+
+    def _capillary(self, y, blank, s: _Batch):
+        c = self.config.capillary
+        on = self._gate(s, c.probability)
+        which = self._pick(s, len(c.materials))
+        ratio = self._strength(s, c.ratio) * on
+        added = self._mix(which, ratio * s.particle, s.T["capillary"])
+        return y + added, added if blank is None else blank + added
+
+    def _resolution(self, y, blank, s: _Batch):
+        c = self.config.resolution
+        on = self._gate(s, c.probability)
+        fwhm0 = self._strength(s, c.fwhm0_inv_angstrom) * on
+        rel = self._strength(s, c.fwhm_relative) * on
+        eta = self._strength(s, c.lorentz_fraction)
+        active = (fwhm0 > 0) | (rel > 0)
+        if bool(active.any()):
+            y = self._broaden(y, fwhm0, rel, eta, active, s.T)
+        return y, blank
+
+    def _calibration(self, y, blank, s: _Batch):
+        c = self.config.calibration
+        on = self._gate(s, c.probability)
+        shift = self._strength(s, c.zero_shift_inv_angstrom) * on
+        scale = self._strength(s, c.scale_error) * on
+        active = (shift != 0) | (scale != 0)
+        if bool(active.any()):
+            i0, f = self._source_cells(shift, scale, s.T)
+            y = _rows_where(active, self._lerp(y, i0, f), y)
+            if blank is not None:
+                blank = _rows_where(active, self._lerp(blank, i0, f), blank)
+        return y, blank
+
+    def _background(self, y, blank, s: _Batch):
+        c = self.config.background
+        on = self._gate(s, c.probability)
+        mean = s.particle / self._q_span
+        flat = self._strength(s, c.flat_fraction) * on * mean
+        amp = self._strength(s, c.poly_fraction) * on * mean
+        poly = (self._draw(s, (s.size, c.poly_degree)) * 2.0 - 1.0) @ s.T["legendre"]
+        low, high = poly.aminmax(dim=1)
+        scale = amp / (high - low).clamp(min=1e-6)  # the polynomial spans [0, amp]
+        return torch.addcmul(y, scale[:, None], poly).add_((flat - low * scale)[:, None]), blank
+
+    def _counts(self, y, blank, s: _Batch):
+        c = self.config.counts
+        on = self._gate(s, c.probability)
+        top = self._strength(s, c.max_counts, log=True)
+        read = self._strength(s, c.readout_sigma_counts)
+        per_unit = (top / y.amax(1).clamp(min=s.tiny))[:, None]  # counts per input unit
+        counts = self._poisson((y * per_unit).clamp_(min=0.0), s)
+        if c.readout_sigma_counts[1] > 0:
+            counts = counts.addcmul_(read[:, None], self._draw(s, counts.shape, "randn")).clamp_(min=0.0)
+        return _rows_where(on, counts.div_(per_unit), y), blank
+
+    def _subtraction(self, y, blank, s: _Batch):
+        if blank is None:
+            return y, blank
+        c = self.config.subtraction
+        on = self._gate(s, c.probability)
+        factor = self._strength(s, c.factor) * on
+        return torch.addcmul(y, factor[:, None], blank, value=-1.0), blank
+
+    def _scale(self, y, blank, s: _Batch):
+        return y * self._strength(s, self.config.scale.factor, log=True)[:, None], blank
+
+    def _gaps(self, y, blank, s: _Batch):
+        c = self.config.gaps
+        on = self._gate(s, c.probability)
+        lo_n, hi_n = c.number
+        if hi_n == 0:
+            return y, blank
+        number = (lo_n + self._draw(s, (s.size,)) * (hi_n - lo_n + 1)).floor().clamp(max=hi_n) * on
+        centre = s.T["q"][0] + self._draw(s, (s.size, hi_n)) * self._q_span
+        width = self._strength(s, c.width_inv_angstrom, size=s.size * hi_n).reshape(s.size, hi_n)
+        used = torch.arange(hi_n, device=s.device)[None, :] < number[:, None]
+        # grid points inside each window: [first, last) by a search on Q; marked +1 / -1 and summed along Q
+        first = torch.searchsorted(s.T["q"], (centre - 0.5 * width).contiguous(), right=True)
+        last = torch.searchsorted(s.T["q"], (centre + 0.5 * width).contiguous())
+        marks = torch.zeros(s.size, y.shape[1] + 1, dtype=torch.int32, device=s.device)
+        marks.scatter_add_(1, first, used.to(torch.int32)).scatter_add_(1, last.clamp(min=first), -used.to(torch.int32))
+        return y.masked_fill(marks[:, :-1].cumsum(1) > 0, 0.0), blank
+
     # -- main ---------------------------------------------------------------------------------------------------
-    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment a (batch, n_q) tensor on its own device; every sample draws its own strengths."""
+    def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None, *,
+                 timings: dict | None = None) -> torch.Tensor:
+        """Augment a (batch, n_q) tensor on its own device; every sample draws its own strengths. With a dict as
+        `timings`, the seconds spent in each effect (STEPS) are added to it (device synchronised per effect)."""
         if batch.ndim != 2 or batch.shape[1] != self.q_inv_angstrom.size:
             raise bad("batch", f"tensor of shape {tuple(batch.shape)}",
                       f"(batch, {self.q_inv_angstrom.size}) on the augmenter's Q grid")
-        c = self.config
-        if not any(getattr(c, k).enabled for k in SECTIONS):
+        steps = [k for k in STEPS if getattr(self.config, k).enabled]
+        if not steps:
             return batch
         dev = batch.device
         dt = batch.dtype if batch.dtype in (torch.float32, torch.float64) else torch.float32
         T = self._on(dev, dt)
         x = batch.to(dt)
-        b = x.shape[0]
-        g = generator
         tiny = torch.finfo(dt).tiny * 1e6
-        particle = (x * T["dq"]).sum(1).clamp(min=tiny)  # integral of the particle pattern over the grid
-        y = x
-        if c.compton.enabled:
-            on = self._gate(g, b, dev, c.compton.probability)
-            frac = self._strength(g, b, dev, c.compton.fraction) * on
-            atoms = (x * T["compton_weight"]).sum(1).clamp(min=0.0)
-            y = y + (frac * atoms)[:, None] * T["compton"]
-        blank = None
-        if c.solvent.enabled:
-            on = self._gate(g, b, dev, c.solvent.probability)
-            which = self._pick(g, b, dev, len(c.solvent.names))
-            ratio = self._strength(g, b, dev, c.solvent.ratio) * on
-            blank = (ratio * particle)[:, None] * T["solvent"][which]
-        if c.capillary.enabled:
-            on = self._gate(g, b, dev, c.capillary.probability)
-            which = self._pick(g, b, dev, len(c.capillary.materials))
-            ratio = self._strength(g, b, dev, c.capillary.ratio) * on
-            cap = (ratio * particle)[:, None] * T["capillary"][which]
-            blank = cap if blank is None else blank + cap
-        if blank is not None:
-            y = y + blank
-        if c.resolution.enabled:
-            on = self._gate(g, b, dev, c.resolution.probability)
-            w0 = self._strength(g, b, dev, c.resolution.fwhm0_inv_angstrom) * on
-            rel = self._strength(g, b, dev, c.resolution.fwhm_relative) * on
-            active = (w0 > 0) | (rel > 0)
-            if bool(active.any()):
-                var = (w0**2)[:, None] * T["inv_dq2"] + (rel**2)[:, None] * T["q2_dq2"]
-                y = torch.where(active[:, None], self._blur(y, var, T), y)
-        if c.calibration.enabled:
-            on = self._gate(g, b, dev, c.calibration.probability)
-            shift = self._strength(g, b, dev, c.calibration.zero_shift_inv_angstrom) * on
-            scale = self._strength(g, b, dev, c.calibration.scale_error) * on
-            active = (shift != 0) | (scale != 0)
-            if bool(active.any()):
-                src = (T["q"][None, :] - shift[:, None]) / (1.0 + scale[:, None])
-                y = torch.where(active[:, None], self._shift(y, src, T), y)
-                if blank is not None:
-                    blank = torch.where(active[:, None], self._shift(blank, src, T), blank)
-        if c.background.enabled:
-            on = self._gate(g, b, dev, c.background.probability)
-            mean = particle / self._q_span
-            flat = self._strength(g, b, dev, c.background.flat_fraction) * on * mean
-            amp = self._strength(g, b, dev, c.background.poly_fraction) * on * mean
-            coef = (self._draw(g, (b, c.background.poly_degree), dev) * 2.0 - 1.0).to(dt)
-            poly = coef @ T["legendre"]
-            poly = poly - poly.amin(1, keepdim=True)
-            poly = poly / poly.amax(1, keepdim=True).clamp(min=1e-6)
-            y = y + flat[:, None] + amp[:, None] * poly
-        if c.counts.enabled:
-            on = self._gate(g, b, dev, c.counts.probability)
-            top = self._strength(g, b, dev, c.counts.max_counts, meta_log=True)
-            read = self._strength(g, b, dev, c.counts.readout_sigma_counts)
-            k = top / y.amax(1).clamp(min=tiny)  # counts per input unit
-            lam = (y * k[:, None]).clamp(min=0.0)
-            counts = self._poisson(lam, g)
-            if c.counts.readout_sigma_counts[1] > 0:
-                counts = (counts + read[:, None] * self._draw(g, lam.shape, dev, "randn")).clamp(min=0.0)
-            y = torch.where(on[:, None], counts / k[:, None], y)
-        if c.subtraction.enabled and blank is not None:
-            on = self._gate(g, b, dev, c.subtraction.probability)
-            factor = self._strength(g, b, dev, c.subtraction.factor) * on
-            y = y - factor[:, None] * blank
-        if c.scale.enabled:
-            y = y * self._strength(g, b, dev, c.scale.factor, meta_log=True)[:, None]
-        if c.gaps.enabled:
-            on = self._gate(g, b, dev, c.gaps.probability)
-            lo_n, hi_n = c.gaps.number
-            m = hi_n
-            if m > 0:
-                number = (lo_n + self._draw(g, (b,), dev) * (hi_n - lo_n + 1)).floor().clamp(max=hi_n) * on
-                centre = T["q"][0] + self._draw(g, (b, m), dev) * self._q_span
-                width = self._strength(g, b * m, dev, c.gaps.width_inv_angstrom).reshape(b, m)
-                slot = torch.arange(m, device=dev)[None, :] < number[:, None]
-                inside = (T["q"][None, None, :] - centre[:, :, None]).abs() < 0.5 * width[:, :, None]
-                y = y * (~(inside & slot[:, :, None]).any(1)).to(dt)
+        s = _Batch(x, (x @ T["dq"]).clamp(min=tiny), T, generator, x.shape[0], dev, dt, tiny)
+        y, blank = x, None
+        for name in steps:
+            start = time.perf_counter()
+            y, blank = getattr(self, f"_{name}")(y, blank, s)
+            if timings is not None:
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         return y.to(batch.dtype) if batch.dtype in (torch.float32, torch.float64) else y
 
 
@@ -541,9 +763,9 @@ GALLERY = [  # (title, {section: settings} typical, strong)
     ("Capillary (borosilicate 0.3x / Kapton 1x)", {"capillary": {"materials": ["borosilicate"], "ratio": 0.3}},
      {"capillary": {"materials": ["kapton"], "ratio": 1.0}}),
     ("Compton of PbS (0.5 / 1.2 x physical)", {"compton": {"fraction": 0.5}}, {"compton": {"fraction": 1.2}}),
-    ("Resolution (FWHM 0.02+0.002Q / 0.06+0.006Q)",
+    ("Resolution (FWHM 0.02+0.002Q Gaussian / 0.06+0.006Q pseudo-Voigt eta 0.5)",
      {"resolution": {"fwhm0_inv_angstrom": 0.02, "fwhm_relative": 0.002}},
-     {"resolution": {"fwhm0_inv_angstrom": 0.06, "fwhm_relative": 0.006}}),
+     {"resolution": {"fwhm0_inv_angstrom": 0.06, "fwhm_relative": 0.006, "lorentz_fraction": 0.5}}),
     ("Q miscalibration (0.01 + 0.2 % / 0.05 + 1 %)",
      {"calibration": {"zero_shift_inv_angstrom": 0.01, "scale_error": 0.002}},
      {"calibration": {"zero_shift_inv_angstrom": 0.05, "scale_error": 0.01}}),

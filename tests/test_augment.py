@@ -144,6 +144,53 @@ def test_broadening_conserves_integrated_intensity(q):
         assert abs(var(y) - var(x[0].numpy()) - want) < 0.1 * want + 2e-6
 
 
+def pseudo_voigt(q, q0, fwhm, eta):
+    """Area-normalised pseudo-Voigt profile (per 1/A)."""
+    gauss = np.exp(-4 * np.log(2) * ((q - q0) / fwhm) ** 2) * 2 * np.sqrt(np.log(2) / np.pi) / fwhm
+    lorentz = 2 / (np.pi * fwhm) / (1 + 4 * ((q - q0) / fwhm) ** 2)
+    return (1 - eta) * gauss + eta * lorentz
+
+
+@pytest.mark.parametrize("q", [Q, np.concatenate([np.arange(1.0, 4.0, 0.004), np.arange(4.0, 10.0, 0.008)])])
+def test_pseudo_voigt_conserves_intensity_and_eta_zero_is_the_gaussian(q):
+    x = torch.as_tensor(gaussian_peaks(q, [1.2, 3.0, 5.5, 9.8], floor=0.0)[None], dtype=torch.float64)
+    dq = np.gradient(q)
+    law = {"fwhm0_inv_angstrom": 0.04, "fwhm_relative": 0.004}
+    out = {eta: augment.Augmenter(only(resolution={**law, "lorentz_fraction": eta}), q)(
+        x, torch.Generator().manual_seed(0))[0].numpy() for eta in (0.0, 0.3, 1.0)}
+    gaussian = augment.Augmenter(only(resolution=law), q)(x, torch.Generator().manual_seed(0))[0].numpy()
+    assert np.array_equal(out[0.0], gaussian)
+    i0 = np.sum(x[0].numpy() * dq)
+    for eta, y in out.items():
+        assert abs(np.sum(y * dq) / i0 - 1) < 1e-6, eta  # tails reflected at the grid's ends, none lost
+        assert np.all(y > -1e-9 * y.max())
+    far = np.abs(q - 7.5) < 0.2  # 1.6 1/A (~25 FWHM) from any peak: only Lorentzian tails reach here
+    assert out[1.0][far].min() > 100 * max(out[0.0][far].max(), 1e-300)
+    assert out[0.3][far].mean() == pytest.approx(0.3 * out[1.0][far].mean(), rel=0.02)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("w0,rel", [(0.05, 0.0), (0.0, 0.006), (0.02, 0.003)])
+@pytest.mark.parametrize("q0", [1.5, 5.5, 9.5])
+def test_a_sharp_line_comes_out_as_the_profile_of_its_width(q0, eta, w0, rel):
+    # a one-cell line: the pseudo-Voigt of FWHM(q0), averaged over the line's cell and each output cell (a
+    # triangle of two cells); within 4 % of the peak, as the line keeps its position only to within a u cell
+    i0 = int(np.argmin(np.abs(Q - q0)))
+    x = torch.zeros(1, Q.size, dtype=torch.float64)
+    x[0, i0] = 1.0 / 0.005
+    aug = augment.Augmenter(only(resolution={"fwhm0_inv_angstrom": w0, "fwhm_relative": rel,
+                                             "lorentz_fraction": eta}), Q)
+    y = aug(x, torch.Generator().manual_seed(0))[0].numpy()
+    fwhm = np.hypot(w0, rel * Q[i0])
+    offsets = np.linspace(-0.005, 0.005, 41)
+    weights = (1 - np.abs(offsets) / 0.005) / np.sum(1 - np.abs(offsets) / 0.005)
+    want = sum(w * pseudo_voigt(Q, Q[i0] + o, fwhm, eta) for o, w in zip(offsets, weights))
+    near = np.abs(Q - Q[i0]) < 3 * fwhm
+    assert np.abs(y - want)[near].max() < 0.04 * want.max()
+    if eta == 0:  # (Lorentzian tails reflected at the grid's ends move the centroid inwards)
+        assert np.sum(y * Q) / np.sum(y) == pytest.approx(Q[i0], abs=0.05 * fwhm)
+
+
 @pytest.mark.parametrize("shift,scale", [(0.02, 0.0), (0.0, 0.004), (-0.013, -0.002)])
 def test_calibration_moves_a_bragg_peak_by_the_stated_amount(shift, scale):
     q0 = 3.4
@@ -153,6 +200,20 @@ def test_calibration_moves_a_bragg_peak_by_the_stated_amount(shift, scale):
     sel = np.abs(Q - q0) < 0.1
     centroid = np.sum(Q[sel] * y[sel]) / np.sum(y[sel])
     assert abs(centroid - (q0 * (1 + scale) + shift)) < 5e-4
+
+
+def test_detector_gaps_zero_one_window_of_the_stated_width():
+    x = torch.rand(200, Q.size, generator=torch.Generator().manual_seed(0)) + 1.0
+    aug = augment.Augmenter(only(gaps={"probability": 1.0, "number": 1, "width_inv_angstrom": 0.1}), Q)
+    y = aug(x, torch.Generator().manual_seed(1))
+    zero = y == 0
+    assert torch.equal(y[~zero], x[~zero])
+    width = zero.sum(1)
+    inside = (Q[None, :] * zero.numpy()).sum(1) / np.maximum(width.numpy(), 1)  # window centres
+    full = (inside > Q[0] + 0.06) & (inside < Q[-1] - 0.06)
+    assert full.mean() > 0.9 and set(width[full].tolist()) <= {19, 20}  # |Q - centre| < 0.05: 19 or 20 points
+    runs = (zero[:, 1:] & ~zero[:, :-1]).sum(1) + zero[:, 0]
+    assert (runs <= 1).all()
 
 
 def test_output_finite_and_nonnegative_where_it_must(pbs):
@@ -192,6 +253,7 @@ def test_solvent_ratio_is_the_integral_ratio(pbs):
     ({"counts": {"enabled": "yes"}}, "augment.counts.enabled = 'yes'"),
     ({"background": {"poly_degree": 2.5}}, "augment.background.poly_degree = 2.5"),
     ({"compton": {"elements": {"Xx": 1}}}, "augment.compton.elements"),
+    ({"resolution": {"lorentz_fraction": 1.5}}, "augment.resolution.lorentz_fraction = 1.5"),
 ])
 def test_bad_configuration_is_rejected_naming_the_field(d, field):
     with pytest.raises(InputError) as e:
