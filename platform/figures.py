@@ -52,6 +52,8 @@ def plot_prediction(out_png, q, intensity, mask, cam, result: dict, size_edges, 
     ax.set_xlabel(r"$Q$ (1/$\AA$)")
     ax.set_ylabel("I / mean")
     flag = "  [OUT OF DISTRIBUTION]" if result.get("out_of_distribution") else ""
+    if result.get("material_evidence") is not None:
+        flag = f"; material evidence {result['material_evidence']:.2f}{flag}"
     ax.set_title(f"{Path(result.get('file', '')).name}: {result['mean_diameter_nm']:.2f} ± "
                  f"{result['mean_diameter_std_nm']:.2f} nm, {result['size_dispersion_pct']:.1f} ± "
                  f"{result['size_dispersion_std_pct']:.1f} %{flag}", fontsize=9)
