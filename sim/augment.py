@@ -634,21 +634,20 @@ class Augmenter:
         atoms = (s.x @ s.T["compton_weight"]).clamp(min=0.0)
         return torch.addcmul(y, (frac * atoms)[:, None], s.T["compton"]), blank
 
-    def _solvent(self, y, blank, s: _Batch):
-        c = self.config.solvent
+    def _blank_term(self, y, blank, s: _Batch, c, n_kinds: int, table: str):
+        """Add one of `n_kinds` tabulated blanks (solvents or capillaries) at a ratio to the particle signal."""
         on = self._gate(s, c.probability)
-        which = self._pick(s, len(c.names))
+        which = self._pick(s, n_kinds)
         ratio = self._strength(s, c.ratio) * on
-        added = self._mix(which, ratio * s.particle, s.T["solvent"])
+        added = self._mix(which, ratio * s.particle, s.T[table])
         return y + added, added if blank is None else blank + added
+
+    def _solvent(self, y, blank, s: _Batch):
+        return self._blank_term(y, blank, s, self.config.solvent, len(self.config.solvent.names), "solvent")
 
     def _capillary(self, y, blank, s: _Batch):
         c = self.config.capillary
-        on = self._gate(s, c.probability)
-        which = self._pick(s, len(c.materials))
-        ratio = self._strength(s, c.ratio) * on
-        added = self._mix(which, ratio * s.particle, s.T["capillary"])
-        return y + added, added if blank is None else blank + added
+        return self._blank_term(y, blank, s, c, len(c.materials), "capillary")
 
     def _resolution(self, y, blank, s: _Batch):
         c = self.config.resolution
