@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -73,7 +74,7 @@ class QDNet(nn.Module):
             if c.norm == "batch":
                 layers.append(nn.BatchNorm1d(cout))
             elif c.norm == "group":
-                layers.append(nn.GroupNorm(min(8, cout), cout))
+                layers.append(nn.GroupNorm(math.gcd(8, cout), cout))  # groups must divide the channels
             layers.append(nn.GELU())
             if c.dropout > 0:
                 layers.append(nn.Dropout1d(c.dropout) if hasattr(nn, "Dropout1d") else nn.Dropout(c.dropout))

@@ -12,6 +12,8 @@ from qdsize.sim.errors import InputError
     ModelConfig(channels=[16, 16], kernels=[5, 3], strides=[4, 4], dropout=0.0, norm="none"),
     ModelConfig(channels=[8, 16, 32], kernels=[10, 5, 4], strides=[10, 5, 4], norm="group",
                 n_size_classes=17, n_dispersion_classes=3),
+    # widths a sweep draws freely (23, 42: not multiples of 8) with group norm
+    ModelConfig(channels=[23, 42, 51], kernels=[9, 5, 3], strides=[4, 2, 2], norm="group"),
 ])
 @pytest.mark.parametrize("n_q", [1801, 700])
 def test_output_shapes(cfg, n_q):
