@@ -430,6 +430,17 @@ def test_simulate_and_sweep_on_a_cluster_with_mlflow_on_postgresql(tmp_path):
     assert not left, f"left running after the test: {left}"
 
 
+def submit_job(cmd: list, env: dict, agent_wait_s: float = 120.0) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head's job agent is still starting: Ray answers "No available agent to
+    submit job, please try again later" for a while after the head node is up."""
+    t0 = time.monotonic()
+    while True:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        if r.returncode == 0 or "No available agent" not in r.stdout + r.stderr or time.monotonic() - t0 > agent_wait_s:
+            return r
+        time.sleep(3)
+
+
 def run_everything(tmp_path, home, env, cluster, pg, uri, artifacts, lap):
     # ---- token authentication is enforced on the job API: a wrong token is refused
     ray_bin = str(clusterkit.VENV_BIN / "ray")
@@ -443,10 +454,9 @@ def run_everything(tmp_path, home, env, cluster, pg, uri, artifacts, lap):
     job_dir.mkdir()
     write_dataset_config(job_dir / "dataset.yaml")
     out = tmp_path / "ds"
-    r = subprocess.run([ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(job_dir),
-                        "--runtime-env-json", json.dumps({"env_vars": {"QDSIZE_HOME": str(home)}}), "--",
-                        "qdsize", "simulate", "dataset.yaml", "--out", str(out), "-q"],
-                       capture_output=True, text=True, timeout=600, env=env)
+    r = submit_job([ray_bin, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(job_dir),
+                    "--runtime-env-json", json.dumps({"env_vars": {"QDSIZE_HOME": str(home)}}), "--",
+                    "qdsize", "simulate", "dataset.yaml", "--out", str(out), "-q"], env)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-3000:]
     assert "succeeded" in r.stdout.lower(), r.stdout[-2000:]
     manifest = json.loads((out / ds.MANIFEST).read_text())
