@@ -138,7 +138,11 @@ def ray_nodes(tag: str, ns: str, root_ip: str, node_ip: str, env: dict, head_cpu
         address = f"{root_ip}:{port}"
         head = [ray_bin, "start", "--head", f"--node-ip-address={root_ip}", f"--port={port}",
                 f"--num-cpus={head_cpus}", f"--ray-client-server-port={free_port(root_ip)}",
-                f"--temp-dir={base}-head", "--disable-usage-stats"]
+                f"--temp-dir={base}-head", "--disable-usage-stats",
+                # a Ray of the test session may already hold the default agent and metrics ports on this host
+                f"--dashboard-agent-listen-port={free_port('127.0.0.1')}",
+                f"--dashboard-agent-grpc-port={free_port(root_ip)}",
+                f"--runtime-env-agent-port={free_port(root_ip)}", f"--metrics-export-port={free_port(root_ip)}"]
         url = None
         if dashboard:
             dport = free_port("127.0.0.1")
