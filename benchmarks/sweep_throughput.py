@@ -81,7 +81,8 @@ def main() -> None:
     for i, t in enumerate(ended, 1):
         best_acc = max(best_acc, max(r.get("benchmark_size_accuracy", 0.0) for r in t["rows"]))
         best_within = max(best_within, max(r.get("seedgrid_size_within_0p25nm", 0.0) for r in t["rows"]))
-        print(f"  {i:>3} trials  {best_acc:.3f}  {best_within:.3f}  ({'_'.join(t['trial'].split('_')[:3])}, {len(t['rows'])} epochs)")
+        trial = "_".join(t["trial"].split("_")[:3])
+        print(f"  {i:>3} trials  {best_acc:.3f}  {best_within:.3f}  ({trial}, {len(t['rows'])} epochs)")
     print(f"resume with: qdsize sweep {args.config} sweep.name={name} --resume")
 
 

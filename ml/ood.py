@@ -11,23 +11,13 @@ from scipy.optimize import nnls
 FILE = "physics_check.npz"
 
 
-def background_basis(q_inv_angstrom: np.ndarray, degree: int = 6) -> tuple[np.ndarray, list[str]]:
+def background_basis(q_inv_angstrom: np.ndarray, degree: int = 6) -> np.ndarray:
     """Profiles a measured pattern may carry besides the dots, each with a free sign (over- or under-subtracted):
-    smooth Legendre polynomials over the grid, every built-in solvent and every built-in capillary."""
-    from qdsize.sim import solvents
+    the refinement's smooth Legendre terms plus every built-in solvent and capillary."""
+    from qdsize.sim import refine, solvents
 
     q = np.asarray(q_inv_angstrom, dtype=float)
-    t = 2 * (q - q[0]) / (q[-1] - q[0]) - 1
-    rows = [np.polynomial.legendre.Legendre.basis(k)(t) for k in range(degree + 1)]
-    names = [f"legendre_{k}" for k in range(degree + 1)]
-    for name in solvents.SOLVENTS:
-        rows.append(solvents.solvent_intensity(name, q))
-        names.append(f"solvent_{name}")
-    for name in solvents.CAPILLARIES:
-        rows.append(solvents.capillary_intensity(name, q))
-        names.append(f"capillary_{name}")
-    basis = np.array(rows)
-    return basis / np.abs(basis).mean(axis=1, keepdims=True), names
+    return refine.background_basis(q, degree, solvents.SOLVENTS, solvents.CAPILLARIES)[0]
 
 
 def pick_templates(patterns: np.ndarray, mean_diameter_nm: np.ndarray, dispersion_pct: np.ndarray,
@@ -87,7 +77,7 @@ class PhysicsCheck:
     def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, dispersion_pct, stride: int = 2) -> "PhysicsCheck":
         q = np.asarray(q_inv_angstrom, dtype=float)
         templates = pick_templates(patterns, np.asarray(mean_diameter_nm), np.asarray(dispersion_pct))
-        return cls(q, miscalibrated(templates, q), background_basis(q)[0], stride=stride)
+        return cls(q, miscalibrated(templates, q), background_basis(q), stride=stride)
 
     def evidence(self, intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Evidence (n,) and signal-to-noise ratio (n,) for patterns on the model grid (mask 0 or NaN: unmeasured).

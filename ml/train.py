@@ -174,13 +174,16 @@ def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: 
     return check
 
 
-def frozen_split_scores(model: QDNet, dataset: str, device, edges) -> tuple[dict, dict]:
-    """Scores on the frozen, already augmented splits under the names the registry compares."""
+def read_frozen_splits(dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
+    """The frozen, already augmented splits the dataset has, in memory: {split: (patterns, labels)}."""
+    return {split: data.read_split(dataset, split) for split in FROZEN_SPLITS
+            if data.layout.split_files(dataset, split)}
+
+
+def frozen_split_scores(model: QDNet, frozen: dict, device, edges) -> tuple[dict, dict]:
+    """Scores on the frozen splits (from `read_frozen_splits`) under the names the registry compares."""
     scores, preds = {}, {}
-    for split in FROZEN_SPLITS:
-        if not data.layout.split_files(dataset, split):
-            continue
-        x, lab = data.read_split(dataset, split)
+    for split, (x, lab) in frozen.items():
         pred = evaluate.predict_arrays(model, x, device=device)
         m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
                              lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
@@ -248,6 +251,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     yv = {k: torch.as_tensor(v, device=device) for k, v in lv.items()}
     mask_v = data.truncation_mask(torch.as_tensor(q, dtype=torch.float32), len(xv), cfg.truncation,
                                   gen_val).to(device)
+    frozen = read_frozen_splits(dataset)  # scored at the end (and after every epoch, if asked)
 
     # ---- model and optimiser
     model = QDNet(cfg.model).to(device)
@@ -318,7 +322,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
                    "val_dispersion_mae": vm["dispersion_mae_pct"], "val_ece": vm["ece"],
                    "patterns_per_s": n / (time.perf_counter() - t0)}
             if cfg.score_frozen_every_epoch:
-                row.update(frozen_split_scores(model, dataset, device, edges)[0])
+                row.update(frozen_split_scores(model, frozen, device, edges)[0])
             history.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if report is not None:
@@ -341,7 +345,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         cal = calibrate(model, xv_t, mask_v, yv)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
         physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy())
-        scores, preds = frozen_split_scores(model, dataset, device, edges)
+        scores, preds = frozen_split_scores(model, frozen, device, edges)
         mlflow.log_metrics(scores)
         mlflow.log_metric("best_val_loss", best)
         with tempfile.TemporaryDirectory() as tmp:

@@ -8,12 +8,13 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from qdsize.platform.mlflow_server import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -28,12 +29,6 @@ def netns_unavailable() -> str | None:
     if r.returncode != 0:
         return f"`ip netns` is unavailable: {r.stderr.strip()}"
     return None
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def run(cmd, env=None, check=True, timeout=180) -> subprocess.CompletedProcess:
