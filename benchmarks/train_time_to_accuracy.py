@@ -6,7 +6,7 @@ curve against wall time, the time at which each floor of the classifier issue wa
 then the trained model's inference throughput on the benchmark split with the network alone and with the
 material check that `qdsize predict` adds. Targets: floor within 30 min on 2 CPU cores; >= 2,000 patterns/s.
 
-    .venv/bin/python benchmarks/train_time_to_accuracy.py [CONFIG] [key=value ...] [--threads 2]
+    .venv/bin/python benchmarks/train_time_to_accuracy.py [CONFIG] [key=value ...] [--threads 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("config", nargs="?", default=str(REPO / "conf/train/acnn.yaml"))
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=20")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--keep", metavar="DIR", help="keep the MLflow store (run, figures, model) in DIR")
     args = ap.parse_args()
 
     from qdsize.ml import data
@@ -62,9 +63,18 @@ def main() -> None:
                       f"{r.get('benchmark_dispersion_mae_pct', float('nan')):.2f} %")
 
     with tempfile.TemporaryDirectory() as tmp:
-        uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
+        store = Path(args.keep).resolve() if args.keep else Path(tmp)
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{store / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = uri
-        result = train(cfg, tracking_uri=uri, report=report, progress=False)
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)  # runs and artifacts both in the store folder, nothing in the working folder
+        client = mlflow.MlflowClient()
+        known = client.get_experiment_by_name("train-time-to-accuracy")
+        exp = known.experiment_id if known else client.create_experiment(
+            "train-time-to-accuracy", artifact_location=(store / "mlartifacts").as_uri())
+        result = train(cfg, tracking_uri=uri, experiment_id=exp, report=report, progress=False)
         total_s = time.perf_counter() - t0
 
         table = Table("target", "floor", "first met at (s)", "epoch", "final")

@@ -41,10 +41,30 @@ def class_edges(dataset_dir: str | Path) -> tuple[list[float], list[float]]:
     return list(lab["size_class_edges_nm"]), list(lab["dispersion_class_edges_pct"])
 
 
-def read_split(dataset_dir: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, dict]:
-    """A whole split (or its first `limit` rows) in memory: patterns (n, n_q) float32 and label arrays."""
+def keep_rows(lab: dict, exclude: dict | None, only: dict | None = None) -> np.ndarray:
+    """Boolean mask of the rows whose columns avoid every `exclude` value (and take an `only` value, if given)."""
+    n = len(next(iter(lab.values())))
+    keep = np.ones(n, dtype=bool)
+    for col, values in (exclude or {}).items():
+        keep &= ~np.isin(lab[col], list(values))
+    for col, values in (only or {}).items():
+        keep &= np.isin(lab[col], list(values))
+    return keep
+
+
+def read_split(dataset_dir: str | Path, split: str, limit: int | None = None, *, exclude: dict | None = None,
+               only: dict | None = None) -> tuple[np.ndarray, dict]:
+    """A whole split (or its first `limit` rows) in memory: patterns (n, n_q) float32 and label arrays.
+
+    `exclude` / `only` map a column (e.g. `shape`) to values whose rows are dropped / kept (a shifted split).
+    """
+    filters = [*(exclude or {}), *(only or {})]
+    cols = [*LABELS, *[c for c in filters if c not in LABELS]]
     pats, labels, n = [], {k: [] for k in LABELS}, 0
-    for x, lab in layout.iter_batches(dataset_dir, split, 8192, columns=LABELS):
+    for x, lab in layout.iter_batches(dataset_dir, split, 8192, columns=cols):
+        if filters:
+            keep = keep_rows(lab, exclude, only)
+            x, lab = x[keep], {k: lab[k][keep] for k in LABELS}
         pats.append(x)
         for k in LABELS:
             labels[k].append(lab[k])
@@ -85,8 +105,9 @@ class ShardStream:
 
     def __init__(self, dataset_dir, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_rows: int = 16384, augment=None, truncation: TruncationConfig | None = None,
-                 device: torch.device | str = "cpu", limit: int | None = None):
+                 device: torch.device | str = "cpu", limit: int | None = None, exclude: dict | None = None):
         self.files = split_files(dataset_dir, split)
+        self.exclude = {k: list(v) for k, v in (exclude or {}).items() if v}  # column -> values kept out
         self.q = torch.as_tensor(q_grid(dataset_dir, split), dtype=torch.float32, device=device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_rows, self.augment, self.truncation = buffer_rows, augment, truncation
@@ -98,9 +119,13 @@ class ShardStream:
         seen = 0
         for i in order:
             pf = pq.ParquetFile(self.files[i])
-            for rb in pf.iter_batches(batch_size=4096, columns=["pattern", *LABELS]):
+            for rb in pf.iter_batches(batch_size=4096, columns=["pattern", *LABELS, *self.exclude]):
                 x = layout.patterns_from_column(rb.column("pattern"))
                 lab = {k: rb.column(k).to_numpy() for k in LABELS}
+                if self.exclude:
+                    keep = keep_rows({k: rb.column(k).to_numpy(zero_copy_only=False) for k in self.exclude},
+                                     self.exclude)
+                    x, lab = x[keep], {k: v[keep] for k, v in lab.items()}
                 if self.limit is not None:
                     take = min(len(x), self.limit - seen)
                     x, lab = x[:take], {k: v[:take] for k, v in lab.items()}
@@ -127,6 +152,8 @@ class ShardStream:
         yield from self._emit(buf_x, buf_l, rng, gen, final=True)
 
     def _emit(self, buf_x, buf_l, rng, gen, final: bool):
+        if not buf_x:  # the rows ended exactly at a buffer boundary
+            return
         x = np.concatenate(buf_x)
         lab = {k: np.concatenate([b[k] for b in buf_l]) for k in LABELS}
         idx = rng.permutation(len(x)) if self.shuffle else np.arange(len(x))

@@ -21,6 +21,7 @@ class ModelConfig:
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2])
     dropout: float = 0.1
     norm: str = "batch"  # batch | group | none
+    position_channel: bool = True  # a third input channel with the position on the Q grid (-1 ... 1)
     n_size_classes: int = 10
     n_dispersion_classes: int = 4
 
@@ -47,17 +48,24 @@ class ModelConfig:
         return asdict(self)
 
 
-def normalise_input(intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Two channels, independent of the pattern's overall scale: asinh(I / mean I) and the coverage mask.
+def normalise_input(intensity: torch.Tensor, mask: torch.Tensor | None = None,
+                    position: bool = False) -> torch.Tensor:
+    """Channels independent of the pattern's overall scale: asinh(I / mean I), the coverage mask and, if asked,
+    the position on the grid (-1 at its first point, 1 at its last).
 
-    The mean is taken over the covered points only; masked points are zero in both channels.
+    The mean is taken over the covered points only; masked points are zero in the first two channels. The position
+    lets the convolutions tell low-Q from high-Q peaks, which global pooling alone cannot (a width that grows with
+    Q is strain or thermal motion, one that does not is size).
     """
     x = intensity.float()
     m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
     scale = (x * m).sum(dim=-1, keepdim=True) / m.sum(dim=-1, keepdim=True).clamp_min(1.0)
     scale = torch.where(scale.abs() > 0, scale.abs(), torch.ones_like(scale))
     y = torch.asinh(x / scale) * m
-    return torch.stack([y, m], dim=1)
+    channels = [y, m]
+    if position:
+        channels.append(torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype).expand_as(x))
+    return torch.stack(channels, dim=1)
 
 
 class QDNet(nn.Module):
@@ -68,7 +76,7 @@ class QDNet(nn.Module):
         self.config = config or ModelConfig()
         c = self.config
         layers: list[nn.Module] = []
-        cin = 2
+        cin = 3 if c.position_channel else 2
         for cout, k, s in zip(c.channels, c.kernels, c.strides):
             layers.append(nn.Conv1d(cin, cout, k, stride=s, padding=k // 2, bias=c.norm == "none"))
             if c.norm == "batch":
@@ -94,7 +102,7 @@ class QDNet(nn.Module):
         self.register_buffer("ood_threshold", torch.tensor(float("inf")))
 
     def feature_maps(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.features(normalise_input(intensity, mask))
+        return self.features(normalise_input(intensity, mask, self.config.position_channel))
 
     def pooled(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.feature_maps(intensity, mask).mean(dim=-1)

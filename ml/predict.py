@@ -51,7 +51,7 @@ class Predictor:
             state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
         except (OSError, json.JSONDecodeError, RuntimeError) as exc:
             raise InputError(f"model = {str(folder)!r}: not a qdsize model folder ({exc})") from None
-        net = QDNet(ModelConfig(**meta["architecture"]))
+        net = QDNet(ModelConfig(**{"position_channel": False, **meta["architecture"]}))  # older models: two channels
         net.load_state_dict(state)
         net.eval()
         card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}

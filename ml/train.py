@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import tempfile
@@ -28,6 +29,18 @@ class LossWeights:
     size: float = 1.0
     dispersion: float = 1.0
     regression: float = 0.5
+    # beta-NLL (Seitzer et al., ICLR 2022): each sample's Gaussian NLL weighted by its predicted variance^beta
+    # (not differentiated), so that hard samples with a large predicted variance still pull the mean; 0 = plain NLL
+    nll_beta: float = 0.5
+
+
+@dataclass
+class Holdout:
+    """A shifted split: particle shapes and solvents kept out of training and validation, then scored apart."""
+
+    shapes: list[str] = field(default_factory=list)
+    solvents: list[str] = field(default_factory=list)
+    test_rows: int = 8000  # rows of the test split scored on each side (in distribution / shifted)
 
 
 @dataclass
@@ -42,6 +55,7 @@ class TrainConfig:
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    ema_decay: float = 0.999  # validate, keep and ship an exponential moving average of the weights (0 = off)
     patience: int = 5
     max_train_rows: int | None = None
     max_val_rows: int | None = 20000
@@ -55,6 +69,9 @@ class TrainConfig:
     # over this many epochs; 0 = full ranges from the start
     augment_warmup_epochs: int = 0
     augment_anchor: str = "realistic"
+    # where training ends between the anchor (0) and the configured full ranges (1): a hyperparameter
+    augment_strength: float = 1.0
+    holdout: Holdout = field(default_factory=Holdout)
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience"):
@@ -64,6 +81,10 @@ class TrainConfig:
             raise bad("train.lr", self.lr, "a positive learning rate")
         if int(self.augment_warmup_epochs) < 0:
             raise bad("train.augment_warmup_epochs", self.augment_warmup_epochs, "a non-negative number of epochs")
+        if not 0 <= self.augment_strength <= 1:
+            raise bad("train.augment_strength", self.augment_strength, "a number 0 <= s <= 1")
+        if not 0 <= self.ema_decay < 1:
+            raise bad("train.ema_decay", self.ema_decay, "a number 0 <= d < 1 (0 turns the average off)")
         if self.weight_decay < 0:
             raise bad("train.weight_decay", self.weight_decay, "a non-negative weight decay")
 
@@ -115,6 +136,78 @@ def warmed_augment(augment_cfg: dict, anchor: str, strength: float) -> dict:
     return out
 
 
+def _augment_at(cfg: TrainConfig, strength: float) -> dict:
+    """The training augmentation at a curriculum strength (1 = the configured ranges as they are)."""
+    if strength >= 1 or cfg.augment.get("preset") == "none":
+        return cfg.augment
+    return warmed_augment(cfg.augment, cfg.augment_anchor, strength)
+
+
+def without_solvents(augment_cfg: dict, solvents: list[str]) -> dict:
+    """The augmentation config with some solvents taken out of its solvent list (a shifted split)."""
+    if not solvents:
+        return augment_cfg
+    from qdsize.sim import augment
+
+    names = augment.config_from(augment_cfg).to_dict()["solvent"]["names"]
+    unknown = [s for s in solvents if s not in names]
+    if unknown:
+        raise bad("train.holdout.solvents", solvents, f"solvents of the training augmentation, out of {names}")
+    kept = [n for n in names if n not in solvents]
+    if not kept:
+        raise bad("train.holdout.solvents", solvents, "at least one of the solvents left for training")
+    return {**augment_cfg, "solvent": {**dict(augment_cfg.get("solvent") or {}), "names": kept}}
+
+
+def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, seed: int) -> dict:
+    """Test rows with the shapes trained on under the anchor augmentation and the training solvents ("in"), and
+    rows with the held-out shapes under the same augmentation with the held-out solvents ("out"). The blank is
+    left unsubtracted on both sides, so that the solvent shows in full (as in the reference work's augmentation)."""
+    from qdsize.sim import augment
+
+    base = augment.config_from({"preset": anchor}).to_dict()
+    trained = [n for n in augment.config_from({"preset": "default"}).to_dict()["solvent"]["names"]
+               if n not in holdout.solvents]
+    sides = {"in": ({"shape": holdout.shapes}, None, [n for n in base["solvent"]["names"] if n in trained] or trained),
+             "out": (None, {"shape": holdout.shapes} if holdout.shapes else None,
+                     holdout.solvents or base["solvent"]["names"])}
+    out = {}
+    for side, (exclude, only, names) in sides.items():
+        x, lab = data.read_split(dataset, "test", limit=holdout.test_rows, exclude=exclude, only=only)
+        cfg = {**base, "solvent": {**base["solvent"], "names": names}, "subtraction": {"enabled": False}}
+        gen = torch.Generator().manual_seed(seed + 7)
+        out[side] = (augment.from_config(cfg, q)(torch.as_tensor(x), gen).numpy(), lab)
+    return out
+
+
+def shifted_scores(model: QDNet, shifted: dict, device, edges) -> dict:
+    """Benchmark metrics on both sides of a shifted split and the drop from "in" to "out" (positive = worse)."""
+    keys = ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
+            "joint_accuracy", "size_within_0p25nm", "joint_within")
+    m = {}
+    for side, (x, lab) in shifted.items():
+        pred = evaluate.predict_arrays(model, x, device=device)
+        r = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
+                             lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
+        m.update({f"shifted_{side}_{k}": r[k] for k in keys})
+    for k in keys:
+        sign = 1.0 if "mae" in k else -1.0  # errors grow, accuracies fall: both reported as a positive drop
+        m[f"shifted_drop_{k}"] = sign * (m[f"shifted_out_{k}"] - m[f"shifted_in_{k}"])
+    return m
+
+
+@torch.no_grad()
+def ema_update(average: QDNet, net: QDNet, decay: float, step: int) -> None:
+    """Move the average's weights and batch-norm statistics toward the network's (decay ramps up from 0.1, so that
+    short trainings are averaged over their own length, not over the initial weights)."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    for a, b in zip(average.state_dict().values(), net.state_dict().values()):
+        if a.dtype.is_floating_point:
+            a.mul_(d).add_(b, alpha=1.0 - d)
+        else:
+            a.copy_(b)
+
+
 def resolve_dataset(path: str) -> str:
     """Absolute dataset path; `${QDSIZE_HOME}` (default ./.qdsize) and `~` are expanded."""
     import os
@@ -132,7 +225,10 @@ def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
         centre, scale = evaluate.TARGET_SCALE[key]
         target = (y[label].float() - centre) / scale
         logvar = out[key + "_logvar"]
-        nll = nll + 0.5 * (logvar + (out[key] - target) ** 2 * torch.exp(-logvar)).mean()
+        per_sample = 0.5 * (logvar + (out[key] - target) ** 2 * torch.exp(-logvar))
+        if w.nll_beta:
+            per_sample = per_sample * torch.exp(w.nll_beta * logvar.detach())
+        nll = nll + per_sample.mean()
     total = w.size * ce_size + w.dispersion * ce_disp + w.regression * nll
     return {"loss": total, "size_ce": ce_size, "dispersion_ce": ce_disp, "nll": nll}
 
@@ -242,10 +338,13 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     q = data.q_grid(dataset, "train")
     edges = data.class_edges(dataset)  # the classes are the dataset's: the heads follow them
     cfg.model.n_size_classes, cfg.model.n_dispersion_classes = len(edges[0]) - 1, len(edges[1]) - 1
-    augmenter = make_augmenter(cfg.augment, q)
+    held = {"shape": list(cfg.holdout.shapes)} if cfg.holdout.shapes else None  # a shifted split, if asked
+    cfg.augment = without_solvents(cfg.augment, list(cfg.holdout.solvents))
+    augmenter = make_augmenter(_augment_at(cfg, cfg.augment_strength), q)
     train_stream = data.ShardStream(dataset, "train", cfg.batch_size, seed=cfg.seed, augment=augmenter,
-                                    truncation=cfg.truncation, device=device, limit=cfg.max_train_rows)
-    xv, lv = data.read_split(dataset, "val", limit=cfg.max_val_rows)
+                                    truncation=cfg.truncation, device=device, limit=cfg.max_train_rows,
+                                    exclude=held)
+    xv, lv = data.read_split(dataset, "val", limit=cfg.max_val_rows, exclude=held)
     gen_val = torch.Generator().manual_seed(cfg.seed + 1)
     xv_t = augmenter(torch.as_tensor(xv), gen_val).to(device)
     yv = {k: torch.as_tensor(v, device=device) for k, v in lv.items()}
@@ -254,10 +353,10 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     frozen = read_frozen_splits(dataset)  # scored at the end (and after every epoch, if asked)
 
     # ---- model and optimiser
-    model = QDNet(cfg.model).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n_rows = sum(__import__("pyarrow.parquet", fromlist=["x"]).ParquetFile(f).metadata.num_rows
-                 for f in data.split_files(dataset, "train"))
+    net = QDNet(cfg.model).to(device)  # the weights the optimiser moves
+    model = copy.deepcopy(net) if cfg.ema_decay else net  # their moving average: validated, kept and shipped
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_rows = _count_rows(dataset, held)
     if cfg.max_train_rows:
         n_rows = min(n_rows, cfg.max_train_rows)
     steps_per_epoch = max(1, math.ceil(n_rows / cfg.batch_size))
@@ -285,22 +384,24 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         for epoch in range(cfg.epochs):
             # ---- one pass over the training split (augmentation warming up to its full ranges, if asked)
             if cfg.augment_warmup_epochs and epoch <= cfg.augment_warmup_epochs:
-                strength = epoch / cfg.augment_warmup_epochs
-                train_stream.augment = make_augmenter(warmed_augment(cfg.augment, cfg.augment_anchor, strength), q)
+                strength = cfg.augment_strength * epoch / cfg.augment_warmup_epochs
+                train_stream.augment = make_augmenter(_augment_at(cfg, strength), q)
                 mlflow.log_metric("augment_strength", strength, step=epoch + 1)
-            model.train()
+            net.train()
             t0, sums, n = time.perf_counter(), {}, 0
             bar = _progress(progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
             for step, (x, mask, y) in enumerate(train_stream):
                 if step >= steps_per_epoch:
                     break
-                out = model(x, mask)
+                out = net(x, mask)
                 ls = losses(out, y, cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 ls["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
                 opt.step()
                 sched.step()
+                if model is not net:
+                    ema_update(model, net, cfg.ema_decay, epoch * steps_per_epoch + step)
                 for k, v in ls.items():
                     sums[k] = sums.get(k, 0.0) + float(v.detach()) * len(x)
                 n += len(x)
@@ -346,6 +447,9 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
         physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy())
         scores, preds = frozen_split_scores(model, frozen, device, edges)
+        if held or cfg.holdout.solvents:
+            shifted = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed)
+            scores.update(shifted_scores(model, shifted, device, edges))
         mlflow.log_metrics(scores)
         mlflow.log_metric("best_val_loss", best)
         with tempfile.TemporaryDirectory() as tmp:
@@ -364,6 +468,27 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         result = {"run_id": run.info.run_id, "experiment": experiment, "model_uri": model_uri,
                   "best_val_loss": best, **scores, **{f"val_{k}": v for k, v in vm.items()}}
     return result
+
+
+def _count_rows(dataset: str, exclude: dict | None) -> int:
+    """Rows of the training split, without those a shifted split keeps out."""
+    import pyarrow.parquet as pq
+
+    files = data.split_files(dataset, "train")
+    if not exclude:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+    known = set()
+    n = 0
+    for f in files:
+        col = {k: pq.read_table(f, columns=[k]).column(k).to_numpy(zero_copy_only=False) for k in exclude}
+        known.update(col["shape"].tolist() if "shape" in col else [])
+        n += int(data.keep_rows(col, exclude).sum())
+    missing = [s for s in exclude.get("shape", []) if s not in known]
+    if missing:
+        raise bad("train.holdout.shapes", exclude["shape"], f"shapes of the dataset, out of {sorted(known)}")
+    if n == 0:
+        raise bad("train.holdout.shapes", exclude["shape"], "at least one shape left for training")
+    return n
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -10,6 +10,7 @@ from qdsize.sim.errors import InputError
 @pytest.mark.parametrize("cfg", [
     ModelConfig(),
     ModelConfig(channels=[16, 16], kernels=[5, 3], strides=[4, 4], dropout=0.0, norm="none"),
+    ModelConfig(channels=[16, 16], kernels=[5, 3], strides=[4, 4], position_channel=False),  # older models
     ModelConfig(channels=[8, 16, 32], kernels=[10, 5, 4], strides=[10, 5, 4], norm="group",
                 n_size_classes=17, n_dispersion_classes=3),
     # widths a sweep draws freely (23, 42: not multiples of 8) with group norm
@@ -74,3 +75,13 @@ def test_bad_architecture_names_the_field():
         ModelConfig(norm="layer")
     with pytest.raises(InputError, match="model.dropout"):
         ModelConfig(dropout=1.5)
+
+
+def test_position_channel_runs_from_minus_one_to_one_and_is_optional():
+    x = torch.rand(2, 50) + 1
+    with_pos, without = normalise_input(x, position=True), normalise_input(x)
+    assert with_pos.shape == (2, 3, 50) and without.shape == (2, 2, 50)
+    torch.testing.assert_close(with_pos[:, :2], without)
+    assert with_pos[0, 2, 0] == -1 and with_pos[1, 2, -1] == 1
+    assert QDNet(ModelConfig()).features[0].in_channels == 3
+    assert QDNet(ModelConfig(position_channel=False)).features[0].in_channels == 2

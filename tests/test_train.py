@@ -90,3 +90,61 @@ def test_augmentation_warm_up_runs_from_the_anchor_to_the_full_ranges():
     assert end["counts"]["max_counts"] == pytest.approx(full["counts"]["max_counts"])
     lo, hi = half["counts"]["max_counts"]  # two decades or more: geometric
     assert lo == pytest.approx(10 ** 3.5) and hi == pytest.approx(10 ** 5.5)
+
+
+def test_shifted_split_keeps_a_shape_and_a_solvent_out_and_scores_the_drop(tiny_dataset, tmp_path):
+    from qdsize.ml import data
+    from qdsize.ml.train import without_solvents
+    from qdsize.sim import augment
+    from qdsize.sim.errors import InputError
+
+    held = {"shape": ["cuboctahedron"]}
+    stream = data.ShardStream(tiny_dataset, "train", 64, exclude=held)
+    shapes = data.layout.load_split(tiny_dataset, "train", columns=["shape"])[1]["shape"]
+    assert sum(len(x) for x, _, _ in stream) == int((shapes != "cuboctahedron").sum()) < len(shapes)
+    names = augment.config_from(without_solvents({"preset": "default"}, ["water"])).to_dict()["solvent"]["names"]
+    assert "water" not in names and "toluene" in names
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = tracking.ensure_experiment("qdsize-tiny", local_artifacts=True)
+    cfg = _cfg(tiny_dataset, epochs=2, holdout={"shapes": ["cuboctahedron"], "solvents": ["water"]},
+               augment={"preset": "default"})
+    res = train(cfg, tracking_uri=uri, experiment_id=exp, progress=False, log_model=False)
+    for side in ("in", "out", "drop"):
+        assert np.isfinite(res[f"shifted_{side}_mean_diameter_mae_nm"]), res
+    assert res["shifted_drop_size_accuracy"] == pytest.approx(
+        res["shifted_in_size_accuracy"] - res["shifted_out_size_accuracy"])
+    run = mlflow.MlflowClient().get_run(res["run_id"])
+    assert "shifted_out_joint_within" in run.data.metrics and run.data.params["holdout.solvents"] == "['water']"
+
+    for bad_holdout, field in (({"shapes": ["tetrahedron"]}, "train.holdout.shapes"),
+                               ({"solvents": ["benzene"]}, "train.holdout.solvents")):
+        with pytest.raises(InputError, match=field.replace(".", r"\.")):
+            train(_cfg(tiny_dataset, epochs=1, holdout=bad_holdout, augment={"preset": "default"}),
+                  tracking_uri=uri, experiment_id=exp, progress=False, log_model=False)
+
+
+def test_stream_ends_cleanly_when_the_rows_end_at_a_buffer_boundary(tiny_dataset):
+    from qdsize.ml import data
+
+    stream = data.ShardStream(tiny_dataset, "train", 64, buffer_rows=128, limit=512)
+    assert sum(len(x) for x, _, _ in stream) == 512
+
+
+def test_weight_average_follows_the_network_and_ramps_its_decay():
+    import torch
+
+    from qdsize.ml.model import ModelConfig, QDNet
+    from qdsize.ml.train import ema_update
+
+    torch.manual_seed(0)
+    net = QDNet(ModelConfig(channels=[4], kernels=[3], strides=[2]))
+    avg = QDNet(ModelConfig(channels=[4], kernels=[3], strides=[2]))
+    a0 = avg.size_head.weight.detach().clone()
+    ema_update(avg, net, 0.999, step=0)  # first step: decay 0.1, mostly the network
+    expected = 0.1 * a0 + 0.9 * net.size_head.weight
+    torch.testing.assert_close(avg.size_head.weight, expected)
+    for step in range(1000, 1200):  # decay capped at 0.9 from here: 0.9 ** 200 of the gap is left
+        ema_update(avg, net, 0.9, step)
+    torch.testing.assert_close(avg.size_head.weight, net.size_head.weight, rtol=0, atol=1e-6)
