@@ -59,16 +59,19 @@ def main() -> None:
         result = train(cfg, experiment_id=exp, progress=True,
                        report=lambda r: console.print(f"epoch {r['epoch']}: val loss {r['val_loss']:.4f}"))
 
-        rows = {"held-out model": {(side, k): result[f"shifted_{side}_{k}"] for side in ("in", "out", "drop")
-                                   for k in KEYS}}
+        # the logged scores (blank unsubtracted), then the same with the blank subtracted (then mostly the shape
+        # differs), for the held-out model and, if given, a model that saw everything
+        dataset = resolve_dataset(cfg.dataset)
+        q, edges = data.q_grid(dataset), data.class_edges(dataset)
+        models = {"held-out model": pr.load(result["model_uri"]).model}
         if args.reference:
-            dataset = resolve_dataset(cfg.dataset)
-            ref = pr.load(args.reference)
-            q = data.q_grid(dataset)
-            edges = data.class_edges(dataset)
-            m = shifted_scores(ref.model, shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed),
-                               "cpu", edges)
-            rows["reference (saw everything)"] = {(side, k): m[f"shifted_{side}_{k}"]
+            models["reference (saw everything)"] = pr.load(args.reference).model
+        rows = {}
+        for blank in ("unsubtracted", "subtracted"):
+            split = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed, blank == "subtracted")
+            for name, net in models.items():
+                m = shifted_scores(net, split, "cpu", edges)
+                rows[f"{name}, blank {blank}"] = {(side, k): m[f"shifted_{side}_{k}"]
                                                   for side in ("in", "out", "drop") for k in KEYS}
 
         table = Table("model", "metric", "in (trained shapes, solvents)",

@@ -159,10 +159,12 @@ def without_solvents(augment_cfg: dict, solvents: list[str]) -> dict:
     return {**augment_cfg, "solvent": {**dict(augment_cfg.get("solvent") or {}), "names": kept}}
 
 
-def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, seed: int) -> dict:
+def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, seed: int,
+                  subtracted: bool = False) -> dict:
     """Test rows with the shapes trained on under the anchor augmentation and the training solvents ("in"), and
     rows with the held-out shapes under the same augmentation with the held-out solvents ("out"). The blank is
-    left unsubtracted on both sides, so that the solvent shows in full (as in the reference work's augmentation)."""
+    left unsubtracted on both sides, so that the solvent shows in full (as in the reference work's augmentation),
+    unless `subtracted` (then the anchor's subtraction applies and mostly the shape differs)."""
     from qdsize.sim import augment
 
     base = augment.config_from({"preset": anchor}).to_dict()
@@ -174,7 +176,9 @@ def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, se
     out = {}
     for side, (exclude, only, names) in sides.items():
         x, lab = data.read_split(dataset, "test", limit=holdout.test_rows, exclude=exclude, only=only)
-        cfg = {**base, "solvent": {**base["solvent"], "names": names}, "subtraction": {"enabled": False}}
+        cfg = {**base, "solvent": {**base["solvent"], "names": names}}
+        if not subtracted:
+            cfg["subtraction"] = {"enabled": False}
         gen = torch.Generator().manual_seed(seed + 7)
         out[side] = (augment.from_config(cfg, q)(torch.as_tensor(x), gen).numpy(), lab)
     return out

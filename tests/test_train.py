@@ -115,6 +115,12 @@ def test_shifted_split_keeps_a_shape_and_a_solvent_out_and_scores_the_drop(tiny_
         assert np.isfinite(res[f"shifted_{side}_mean_diameter_mae_nm"]), res
     assert res["shifted_drop_size_accuracy"] == pytest.approx(
         res["shifted_in_size_accuracy"] - res["shifted_out_size_accuracy"])
+    from qdsize.ml.train import Holdout, shifted_split
+
+    sides = shifted_split(str(tiny_dataset), Holdout(["cuboctahedron"], ["water"]), "realistic",
+                          data.q_grid(tiny_dataset), 0, subtracted=True)
+    assert set(sides["out"][1]["size_class"]) and len(sides["in"][0]) + len(sides["out"][0]) == len(
+        data.read_split(tiny_dataset, "test")[0])
     run = mlflow.MlflowClient().get_run(res["run_id"])
     assert "shifted_out_joint_within" in run.data.metrics and run.data.params["holdout.solvents"] == "['water']"
 
