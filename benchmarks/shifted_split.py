@@ -42,6 +42,7 @@ def main() -> None:
     from qdsize.ml import data
     from qdsize.ml import predict as pr
     from qdsize.ml.train import resolve_dataset, shifted_scores, shifted_split, train
+    from qdsize.platform import tracking
     from qdsize.platform.cli_ml import load_train_config
 
     torch.set_num_threads(args.threads)
@@ -52,10 +53,7 @@ def main() -> None:
         store = Path(args.keep).resolve() if args.keep else Path(tmp)
         store.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-        client = mlflow.MlflowClient()
-        known = client.get_experiment_by_name("shifted-split")
-        exp = known.experiment_id if known else client.create_experiment(
-            "shifted-split", artifact_location=(store / "mlartifacts").as_uri())
+        exp = tracking.ensure_experiment("shifted-split", artifact_location=(store / "mlartifacts").as_uri())
         result = train(cfg, experiment_id=exp, progress=True,
                        report=lambda r: console.print(f"epoch {r['epoch']}: val loss {r['val_loss']:.4f}"))
 

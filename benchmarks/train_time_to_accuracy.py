@@ -45,6 +45,7 @@ def main() -> None:
     from qdsize.ml import data
     from qdsize.ml import predict as pr
     from qdsize.ml.train import resolve_dataset, train
+    from qdsize.platform import tracking
     from qdsize.platform.cli_ml import load_train_config
 
     torch.set_num_threads(args.threads)
@@ -70,10 +71,7 @@ def main() -> None:
         import mlflow
 
         mlflow.set_tracking_uri(uri)  # runs and artifacts both in the store folder, nothing in the working folder
-        client = mlflow.MlflowClient()
-        known = client.get_experiment_by_name("train-time-to-accuracy")
-        exp = known.experiment_id if known else client.create_experiment(
-            "train-time-to-accuracy", artifact_location=(store / "mlartifacts").as_uri())
+        exp = tracking.ensure_experiment("train-time-to-accuracy", artifact_location=(store / "mlartifacts").as_uri())
         result = train(cfg, tracking_uri=uri, experiment_id=exp, report=report, progress=False)
         total_s = time.perf_counter() - t0
 

@@ -11,15 +11,6 @@ from scipy.optimize import nnls
 FILE = "physics_check.npz"
 
 
-def background_basis(q_inv_angstrom: np.ndarray, degree: int = 6) -> np.ndarray:
-    """Profiles a measured pattern may carry besides the dots, each with a free sign (over- or under-subtracted):
-    the refinement's smooth Legendre terms plus every built-in solvent and capillary."""
-    from qdsize.sim import refine, solvents
-
-    q = np.asarray(q_inv_angstrom, dtype=float)
-    return refine.background_basis(q, degree, solvents.SOLVENTS, solvents.CAPILLARIES)[0]
-
-
 def pick_templates(patterns: np.ndarray, mean_diameter_nm: np.ndarray, dispersion_pct: np.ndarray,
                    n_bins: int = 24, per_bin: int = 2) -> np.ndarray:
     """The narrowest-dispersion clean patterns in each of `n_bins` size quantiles: a non-negative mix of them is a
@@ -75,9 +66,13 @@ class PhysicsCheck:
 
     @classmethod
     def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, dispersion_pct, stride: int = 2) -> "PhysicsCheck":
+        from qdsize.sim import refine, solvents
+
         q = np.asarray(q_inv_angstrom, dtype=float)
         templates = pick_templates(patterns, np.asarray(mean_diameter_nm), np.asarray(dispersion_pct))
-        return cls(q, miscalibrated(templates, q), background_basis(q), stride=stride)
+        # free-sign profiles besides the dots: the refinement's Legendre terms, every solvent and capillary
+        background = refine.background_basis(q, 6, solvents.SOLVENTS, solvents.CAPILLARIES)[0]
+        return cls(q, miscalibrated(templates, q), background, stride=stride)
 
     def evidence(self, intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Evidence (n,) and signal-to-noise ratio (n,) for patterns on the model grid (mask 0 or NaN: unmeasured).

@@ -170,9 +170,10 @@ def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, se
     base = augment.config_from({"preset": anchor}).to_dict()
     trained = [n for n in augment.config_from({"preset": "default"}).to_dict()["solvent"]["names"]
                if n not in holdout.solvents]
-    sides = {"in": ({"shape": holdout.shapes}, None, [n for n in base["solvent"]["names"] if n in trained] or trained),
-             "out": (None, {"shape": holdout.shapes} if holdout.shapes else None,
-                     holdout.solvents or base["solvent"]["names"])}
+    shapes = {"shape": holdout.shapes} if holdout.shapes else None
+    in_solvents = [n for n in base["solvent"]["names"] if n in trained] or trained
+    out_solvents = holdout.solvents or base["solvent"]["names"]
+    sides = {"in": (shapes, None, in_solvents), "out": (None, shapes, out_solvents)}  # (exclude, only, solvents)
     out = {}
     for side, (exclude, only, names) in sides.items():
         x, lab = data.read_split(dataset, "test", limit=holdout.test_rows, exclude=exclude, only=only)
@@ -475,21 +476,19 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
 
 
 def _count_rows(dataset: str, exclude: dict | None) -> int:
-    """Rows of the training split, without those a shifted split keeps out."""
+    """Rows of the training split, without the shapes a shifted split keeps out ({"shape": [...]} or None)."""
     import pyarrow.parquet as pq
 
     files = data.split_files(dataset, "train")
     if not exclude:
         return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    known = set()
-    n = 0
+    shapes, n = set(), 0
     for f in files:
-        col = {k: pq.read_table(f, columns=[k]).column(k).to_numpy(zero_copy_only=False) for k in exclude}
-        known.update(col["shape"].tolist() if "shape" in col else [])
+        col = {"shape": pq.read_table(f, columns=["shape"]).column("shape").to_numpy(zero_copy_only=False)}
+        shapes.update(np.unique(col["shape"]).tolist())
         n += int(data.keep_rows(col, exclude).sum())
-    missing = [s for s in exclude.get("shape", []) if s not in known]
-    if missing:
-        raise bad("train.holdout.shapes", exclude["shape"], f"shapes of the dataset, out of {sorted(known)}")
+    if any(s not in shapes for s in exclude["shape"]):
+        raise bad("train.holdout.shapes", exclude["shape"], f"shapes of the dataset, out of {sorted(shapes)}")
     if n == 0:
         raise bad("train.holdout.shapes", exclude["shape"], "at least one shape left for training")
     return n

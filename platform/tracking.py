@@ -44,11 +44,11 @@ def setup(explicit: str | None = None) -> str:
     return uri
 
 
-def ensure_experiment(name: str, local_artifacts: bool | None = None) -> str:
+def ensure_experiment(name: str, local_artifacts: bool | None = None, artifact_location: str | None = None) -> str:
     """Create the experiment (artifact root in the workspace when the store is local) and return its id.
 
     A local server started by qdsize also gets a file artifact root, so that runs stay readable straight from
-    the SQLite store after the server is gone.
+    the SQLite store after the server is gone. `artifact_location` (a URI) overrides both.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -57,8 +57,8 @@ def ensure_experiment(name: str, local_artifacts: bool | None = None) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    location = None
-    if local_artifacts or (local_artifacts is None and is_local(mlflow.get_tracking_uri())):
+    location = artifact_location
+    if location is None and (local_artifacts or (local_artifacts is None and is_local(mlflow.get_tracking_uri()))):
         location = (home() / "mlartifacts").as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
