@@ -25,7 +25,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 FLOORS = {"seedgrid_size_within_0p25nm": 0.97, "seedgrid_joint_within": 0.95,
           "benchmark_size_accuracy": 0.93, "benchmark_dispersion_accuracy": 0.80}
-CEILINGS = {"benchmark_mean_diameter_mae_nm": 0.10, "benchmark_dispersion_mae_pct": 1.5}
+CEILINGS = {"benchmark_mean_diameter_mae_nm": 0.10, "benchmark_dispersion_mae_pct": 1.5, "benchmark_ece": 0.03}
 
 
 def met(row: dict) -> dict[str, bool]:
@@ -61,7 +61,10 @@ def main() -> None:
                       f"{r.get('seedgrid_size_within_0p25nm', float('nan')):.3f}  joint "
                       f"{r.get('seedgrid_joint_within', float('nan')):.3f}  benchmark MAE "
                       f"{r.get('benchmark_mean_diameter_mae_nm', float('nan')):.3f} nm / "
-                      f"{r.get('benchmark_dispersion_mae_pct', float('nan')):.2f} %")
+                      f"{r.get('benchmark_dispersion_mae_pct', float('nan')):.2f} %"
+                      + (f"  | resolution told: seedgrid {r['seedgrid_told_size_within_0p25nm']:.3f}, "
+                         f"MAE {r['benchmark_told_mean_diameter_mae_nm']:.3f} nm"
+                         if "seedgrid_told_size_within_0p25nm" in r else ""))
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(args.keep).resolve() if args.keep else Path(tmp)
@@ -75,12 +78,14 @@ def main() -> None:
         result = train(cfg, tracking_uri=uri, experiment_id=exp, report=report, progress=False)
         total_s = time.perf_counter() - t0
 
-        table = Table("target", "floor", "first met at (s)", "epoch", "final")
+        # named scores: as `qdsize predict` runs by default; told: with the frozen splits' resolution given
+        table = Table("target", "floor", "first met at (s)", "epoch", "final", "final, resolution told")
         for key in [*FLOORS, *CEILINGS]:
             hit = next((r for r in curve if met(r)[key]), None)
             bound = f">= {FLOORS[key]}" if key in FLOORS else f"<= {CEILINGS[key]}"
+            told = result.get(key.replace("_", "_told_", 1), float("nan"))
             table.add_row(key, bound, f"{hit['wall_s']:.0f}" if hit else "not met",
-                          str(hit["epoch"]) if hit else "-", f"{result.get(key, float('nan')):.4f}")
+                          str(hit["epoch"]) if hit else "-", f"{result.get(key, float('nan')):.4f}", f"{told:.4f}")
         console.print(table)
         console.print(f"dataset {resolve_dataset(cfg.dataset)}; {len(curve)} epochs in {total_s:.0f} s "
                       f"on {args.threads} threads (target: seedgrid floor within 1800 s)")

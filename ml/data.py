@@ -76,6 +76,41 @@ def read_split(dataset_dir: str | Path, split: str, limit: int | None = None, *,
     return np.concatenate(pats)[:limit], {k: np.concatenate(v)[:limit] for k, v in labels.items()}
 
 
+def augment_batch(augment, x: torch.Tensor, gen: torch.Generator, resolution_known: float = 0.0):
+    """Augment a batch and say which instrument resolution each pattern got: (patterns, (n, 3) resolutions).
+
+    A fraction `resolution_known` of the rows keep the resolution they were given (zeros: none), the rest are NaN:
+    not told to the network, as when a user does not know the instrument.
+    """
+    drawn: dict = {}
+    if augment is not None:
+        x = augment(x, gen, drawn=drawn)
+    res = drawn.get("resolution")
+    res = x.new_zeros(len(x), 3) if res is None else res.to(x.dtype)
+    if resolution_known < 1.0:
+        hide = torch.rand(len(x), generator=gen, device=gen.device).to(x.device) >= resolution_known
+        res = res.masked_fill(hide[:, None], float("nan"))
+    return x, res
+
+
+def instrument_of(dataset_dir: str | Path) -> np.ndarray | None:
+    """The resolution (fwhm0, fwhm_relative, lorentz_fraction) every pattern of the dataset's frozen splits was given,
+    when their augmentation preset fixes it (the `realistic` preset does); None when it varies or is unknown."""
+    m = layout.read_manifest(dataset_dir) or {}
+    preset = (((m.get("config") or {}).get("dataset") or {}).get("augment") or {}).get("preset")
+    if not preset or preset == "none":
+        return None
+    from qdsize.sim import augment
+
+    r = augment.config_from({"preset": preset}).to_dict()["resolution"]
+    if not r.get("enabled"):
+        return np.zeros(3, dtype=np.float32)
+    ranges = [np.ravel(r[k]).astype(float) for k in ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")]
+    if r.get("probability", 1.0) < 1.0 or any(np.ptp(v) > 0 for v in ranges):
+        return None
+    return np.asarray([v[0] for v in ranges], dtype=np.float32)
+
+
 @dataclass
 class TruncationConfig:
     """Random Q-range truncation during training, so that the model stays right on short-range data."""
@@ -97,21 +132,24 @@ def truncation_mask(q: torch.Tensor, batch: int, cfg: TruncationConfig, gen: tor
 
 
 class ShardStream:
-    """Iterate over (patterns, labels) batches of a split: shard order and a shuffle buffer are seeded per epoch.
+    """Iterate over (patterns, mask, labels, resolution) batches of a split: shard order and a shuffle buffer are
+    seeded per epoch.
 
     Memory holds one shuffle buffer, never the dataset. Augmentation (a callable on (batch, n_q) tensors with a
-    generator) and truncation run on the target device.
+    generator) and truncation run on the target device; `augment_batch` says which resolution rows are known.
     """
 
     def __init__(self, dataset_dir, split: str, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  buffer_rows: int = 16384, augment=None, truncation: TruncationConfig | None = None,
-                 device: torch.device | str = "cpu", limit: int | None = None, exclude: dict | None = None):
+                 device: torch.device | str = "cpu", limit: int | None = None, exclude: dict | None = None,
+                 resolution_known: float = 0.0):
         self.files = split_files(dataset_dir, split)
         self.exclude = {k: list(v) for k, v in (exclude or {}).items() if v}  # column -> values kept out
         self.q = torch.as_tensor(q_grid(dataset_dir, split), dtype=torch.float32, device=device)
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.buffer_rows, self.augment, self.truncation = buffer_rows, augment, truncation
         self.device, self.limit = torch.device(device), limit
+        self.resolution_known = resolution_known
         self.epoch = 0
 
     def _rows(self, rng):
@@ -170,11 +208,9 @@ class ShardStream:
             buf_l.append({k: v[rest] for k, v in lab.items()})
 
     def _batch(self, x, lab, gen):
-        xt = torch.as_tensor(x, device=self.device)
-        if self.augment is not None:
-            xt = self.augment(xt, gen)
+        xt, res = augment_batch(self.augment, torch.as_tensor(x, device=self.device), gen, self.resolution_known)
         mask = None
         if self.truncation is not None:
             mask = truncation_mask(self.q, len(xt), self.truncation, gen)
         y = {k: torch.as_tensor(v, device=self.device) for k, v in lab.items()}
-        return xt, mask, y
+        return xt, mask, y, res

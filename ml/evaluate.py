@@ -11,12 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .model import QDNet  # noqa: E402
+from .model import TARGET_SCALE, QDNet  # noqa: E402,F401  (TARGET_SCALE: re-exported for the training loss)
 
 SIZE_EDGES_NM = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 DISPERSION_EDGES_PCT = [0, 5, 10, 15, 25]
-# regression targets are learned on a normalised scale: (value - centre) / scale
-TARGET_SCALE = {"mean_diameter": (7.0, 3.0), "dispersion": (12.5, 7.5)}
 
 
 def class_of(values, edges) -> np.ndarray:
@@ -27,19 +25,25 @@ def class_of(values, edges) -> np.ndarray:
 
 @torch.no_grad()
 def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None = None, batch_size: int = 512,
-                   device: torch.device | str = "cpu") -> dict[str, np.ndarray]:
-    """Run the network in eval mode; continuous outputs in physical units with standard deviations."""
+                   device: torch.device | str = "cpu", resolution: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Run the network in eval mode; continuous outputs in physical units with standard deviations. `resolution`:
+    the instrument's (fwhm0 1/A, fwhm_relative, lorentz_fraction), one row for all patterns or one per pattern;
+    None or NaN where not known."""
     model.eval()
+    res = None if resolution is None else np.asarray(resolution, dtype=np.float32)
     outs: dict[str, list] = {}
     for a in range(0, len(intensity), batch_size):
         x = torch.as_tensor(np.asarray(intensity[a:a + batch_size]), dtype=torch.float32, device=device)
         m = None if mask is None else torch.as_tensor(np.asarray(mask[a:a + batch_size]), device=device)
-        o = model(x, m)
+        r = None if res is None else torch.as_tensor(res if res.ndim == 1 else res[a:a + batch_size], device=device)
+        o = model(x, m, r)
         for k, v in o.items():
             outs.setdefault(k, []).append(v.float().cpu())
     o = {k: torch.cat(v) for k, v in outs.items()}
-    res = {"size_probs": torch.softmax(o["size_logits"], -1).numpy(), "ood_score": o["ood_score"].numpy(),
-           "dispersion_probs": torch.softmax(o["dispersion_logits"], -1).numpy()}
+    res = {"ood_score": o["ood_score"].numpy()}
+    for head in ("size", "dispersion"):  # reported: the continuous estimate's class probabilities, when it has edges
+        res[f"{head}_head_probs"] = torch.softmax(o[f"{head}_logits"], -1).numpy()
+        res[f"{head}_probs"] = o[f"{head}_probs"].numpy() if f"{head}_probs" in o else res[f"{head}_head_probs"]
     for key in ("mean_diameter", "dispersion"):
         centre, scale = TARGET_SCALE[key]
         res[key] = (o[key] * scale + centre).numpy()

@@ -19,11 +19,17 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 48, 64, 96, 128])
     kernels: list[int] = field(default_factory=lambda: [9, 7, 5, 5, 3])
     strides: list[int] = field(default_factory=lambda: [2, 2, 2, 2, 2])
-    dropout: float = 0.1
+    dropout: float = 0.0
     norm: str = "batch"  # batch | group | none
     position_channel: bool = True  # a third input channel with the position on the Q grid (-1 ... 1)
+    resolution_input: bool = True  # four more channels: the instrument resolution, when the user knows it
     n_size_classes: int = 10
     n_dispersion_classes: int = 4
+    # class edges (set from the dataset by training): the reported class probabilities are then those of the
+    # continuous estimate's Gaussian over each class, so class, value and uncertainty are one answer (None: the
+    # class heads' softmax, as models saved before did)
+    size_edges_nm: list[float] | None = None
+    dispersion_edges_pct: list[float] | None = None
 
     def __post_init__(self):
         n = len(self.channels)
@@ -43,19 +49,58 @@ class ModelConfig:
             raise bad("model.norm", self.norm, "one of batch, group, none")
         if self.n_size_classes < 2 or self.n_dispersion_classes < 2:
             raise bad("model.n_size_classes", self.n_size_classes, "at least 2 classes per head")
+        for name, n in (("size_edges_nm", self.n_size_classes), ("dispersion_edges_pct", self.n_dispersion_classes)):
+            edges = getattr(self, name)
+            if edges is not None and (len(edges) != n + 1 or any(b <= a for a, b in zip(edges, edges[1:]))):
+                raise bad(f"model.{name}", edges, f"{n + 1} increasing class edges")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# regression targets are learned on a normalised scale: (value - centre) / scale
+TARGET_SCALE = {"mean_diameter": (7.0, 3.0), "dispersion": (12.5, 7.5)}
+
+
+def interval_probs(mean: torch.Tensor, std: torch.Tensor, edges: list[float]) -> torch.Tensor:
+    """(batch, n_classes) probability of each class [e_k, e_k+1) under N(mean, std) restricted to the classes' range
+    (the labels lie in it); an estimate far outside the range, with all its mass beyond, goes to the nearest end."""
+    e = torch.as_tensor(edges, dtype=mean.dtype, device=mean.device)
+    p = torch.diff(torch.special.ndtr((e[None, :] - mean[:, None]) / std[:, None].clamp_min(1e-6)), dim=1)
+    total = p.sum(dim=1, keepdim=True)
+    end = F.one_hot((mean > e[-1]).long() * (len(edges) - 2), len(edges) - 1).to(p.dtype)
+    return torch.where(total > 1e-12, p.clamp_min(0.0) / total.clamp_min(1e-12), end)
+
+
+# Instrument resolution as the augmentation draws it: pseudo-Voigt FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) with
+# Lorentzian fraction eta. Scales: the tops of the default training ranges (conf/augment/default.yaml).
+RESOLUTION_KEYS = ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")
+RESOLUTION_SCALE = (0.05, 0.006, 0.2)
+
+
+def resolution_channels(resolution: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """(batch, 4, n_q) constant channels: 1 where the resolution is known, then its three parameters scaled to about
+    0-1 (zeros where unknown). `resolution` is (batch, 3) or (3,) in RESOLUTION_KEYS order, NaN rows unknown."""
+    b, n = like.shape
+    if resolution is None:
+        return like.new_zeros(b, 4, n)
+    r = torch.as_tensor(resolution, dtype=like.dtype, device=like.device).reshape(-1, 3).expand(b, 3)
+    known = torch.isfinite(r).all(dim=1, keepdim=True).to(like.dtype)
+    scaled = torch.nan_to_num(r / r.new_tensor(RESOLUTION_SCALE)) * known
+    return torch.cat([known, scaled], dim=1)[:, :, None].expand(b, 4, n)
+
+
 def normalise_input(intensity: torch.Tensor, mask: torch.Tensor | None = None,
-                    position: bool = False) -> torch.Tensor:
+                    position: bool = False, resolution: torch.Tensor | None = None,
+                    resolution_input: bool = False) -> torch.Tensor:
     """Channels independent of the pattern's overall scale: asinh(I / mean I), the coverage mask and, if asked,
     the position on the grid (-1 at its first point, 1 at its last).
 
     The mean is taken over the covered points only; masked points are zero in the first two channels. The position
     lets the convolutions tell low-Q from high-Q peaks, which global pooling alone cannot (a width that grows with
-    Q is strain or thermal motion, one that does not is size).
+    Q is strain or thermal motion, one that does not is size). With `resolution_input`, four channels say what the
+    instrument's resolution is, when known (`resolution_channels`): an instrument width the network is told need not
+    be guessed from the line shape, which is what limits the size of large dots.
     """
     x = intensity.float()
     m = torch.ones_like(x) if mask is None else mask.to(x.dtype)
@@ -65,7 +110,10 @@ def normalise_input(intensity: torch.Tensor, mask: torch.Tensor | None = None,
     channels = [y, m]
     if position:
         channels.append(torch.linspace(-1.0, 1.0, x.shape[-1], device=x.device, dtype=x.dtype).expand_as(x))
-    return torch.stack(channels, dim=1)
+    out = torch.stack(channels, dim=1)
+    if resolution_input:
+        out = torch.cat([out, resolution_channels(resolution, x)], dim=1)
+    return out
 
 
 class QDNet(nn.Module):
@@ -76,7 +124,7 @@ class QDNet(nn.Module):
         self.config = config or ModelConfig()
         c = self.config
         layers: list[nn.Module] = []
-        cin = 3 if c.position_channel else 2
+        cin = 2 + int(c.position_channel) + 4 * int(c.resolution_input)
         for cout, k, s in zip(c.channels, c.kernels, c.strides):
             layers.append(nn.Conv1d(cin, cout, k, stride=s, padding=k // 2, bias=c.norm == "none"))
             if c.norm == "batch":
@@ -101,11 +149,14 @@ class QDNet(nn.Module):
         self.register_buffer("ood_precision", torch.eye(cin))
         self.register_buffer("ood_threshold", torch.tensor(float("inf")))
 
-    def feature_maps(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.features(normalise_input(intensity, mask, self.config.position_channel))
+    def feature_maps(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
+                     resolution: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        return self.features(normalise_input(intensity, mask, c.position_channel, resolution, c.resolution_input))
 
-    def pooled(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.feature_maps(intensity, mask).mean(dim=-1)
+    def pooled(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
+               resolution: torch.Tensor | None = None) -> torch.Tensor:
+        return self.feature_maps(intensity, mask, resolution).mean(dim=-1)
 
     def ood_score(self, pooled: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance^2 / n_features of pooled features from the reference set (about 1 in-distribution)."""
@@ -123,22 +174,32 @@ class QDNet(nn.Module):
         self.ood_threshold.copy_(thr * 1.5)
         return float(self.ood_threshold)
 
-    def forward(self, intensity: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Intensities (batch, n_q) on the model grid; mask (batch, n_q), 1 where the pattern is measured."""
-        pooled = self.pooled(intensity, mask)
+    def forward(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
+                resolution: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Intensities (batch, n_q) on the model grid; mask (batch, n_q), 1 where the pattern is measured;
+        resolution (batch, 3) or (3,): the instrument's (RESOLUTION_KEYS), NaN or None where not known."""
+        pooled = self.pooled(intensity, mask, resolution)
         reg = self.regression_head(pooled)
-        return {"size_logits": self.size_head(pooled) / self.size_temperature,
-                "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
-                "mean_diameter": reg[:, 0],
-                "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) + torch.log(self.mean_diameter_var_scale),
-                "dispersion": reg[:, 2],
-                "dispersion_logvar": reg[:, 3].clamp(-12, 6) + torch.log(self.dispersion_var_scale),
-                "ood_score": self.ood_score(pooled)}
+        out = {"size_logits": self.size_head(pooled) / self.size_temperature,
+               "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
+               "mean_diameter": reg[:, 0],
+               "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) + torch.log(self.mean_diameter_var_scale),
+               "dispersion": reg[:, 2],
+               "dispersion_logvar": reg[:, 3].clamp(-12, 6) + torch.log(self.dispersion_var_scale),
+               "ood_score": self.ood_score(pooled)}
+        for head, key, edges in (("size", "mean_diameter", self.config.size_edges_nm),
+                                 ("dispersion", "dispersion", self.config.dispersion_edges_pct)):
+            if edges is not None:  # in physical units
+                centre, scale = TARGET_SCALE[key]
+                out[f"{head}_probs"] = interval_probs(out[key] * scale + centre,
+                                                      torch.exp(0.5 * out[key + "_logvar"]) * scale, edges)
+        return out
 
     def class_activation_map(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
-                             head: str = "size", target: torch.Tensor | None = None) -> torch.Tensor:
+                             head: str = "size", target: torch.Tensor | None = None,
+                             resolution: torch.Tensor | None = None) -> torch.Tensor:
         """CAM over the Q grid (batch, n_q) for the predicted (or given) class of a head, upsampled linearly."""
-        fmap = self.feature_maps(intensity, mask)
+        fmap = self.feature_maps(intensity, mask, resolution)
         lin = self.size_head if head == "size" else self.dispersion_head
         if target is None:
             target = lin(fmap.mean(dim=-1)).argmax(dim=-1)

@@ -51,7 +51,8 @@ class Predictor:
             state = torch.load(folder / WEIGHTS, map_location="cpu", weights_only=True)
         except (OSError, json.JSONDecodeError, RuntimeError) as exc:
             raise InputError(f"model = {str(folder)!r}: not a qdsize model folder ({exc})") from None
-        net = QDNet(ModelConfig(**{"position_channel": False, **meta["architecture"]}))  # older models: two channels
+        old = {"position_channel": False, "resolution_input": False}  # what models saved before these inputs lack
+        net = QDNet(ModelConfig(**{**old, **meta["architecture"]}))
         net.load_state_dict(state)
         net.eval()
         card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}
@@ -59,16 +60,32 @@ class Predictor:
                    model_uri or str(folder), card, ood.PhysicsCheck.load(folder))
 
     # ---- inference
+    @property
+    def takes_resolution(self) -> bool:
+        """Whether the network can be told the instrument resolution (models trained since it could)."""
+        return bool(self.model.config.resolution_input)
+
     @torch.no_grad()
-    def predict(self, intensity: np.ndarray, mask: np.ndarray | None = None) -> list[dict]:
-        """Patterns on the model grid (n, n_q); NaN or mask 0 marks points the measurement does not cover."""
+    def predict(self, intensity: np.ndarray, mask: np.ndarray | None = None,
+                resolution: tuple[float, float, float] | None = None) -> list[dict]:
+        """Patterns on the model grid (n, n_q); NaN or mask 0 marks points the measurement does not cover.
+
+        `resolution`: the instrument's, from a calibrant (fwhm0 in 1/A, fwhm_relative, lorentz_fraction; FWHM(Q) =
+        sqrt(fwhm0^2 + (fwhm_relative Q)^2)), when known; it sharpens the sizes of large dots. Ignored (and said in
+        the output) by a model that cannot take it.
+        """
         x = np.atleast_2d(np.asarray(intensity, dtype=np.float32))
         if x.shape[1] != len(self.q_inv_angstrom):
             raise InputError(f"patterns: {x.shape[1]} points per pattern, expected {len(self.q_inv_angstrom)} "
                              "(the model's Q grid)")
+        told = None
+        if resolution is not None:
+            told = check_resolution(resolution)
+            if not self.takes_resolution:
+                told = None
         m = np.isfinite(x).astype(np.float32) if mask is None else np.asarray(mask, dtype=np.float32)
         x = np.where(m > 0, np.nan_to_num(x), 0.0).astype(np.float32)
-        pred = evaluate.predict_arrays(self.model, x, m)
+        pred = evaluate.predict_arrays(self.model, x, m, resolution=None if told is None else np.asarray(told))
         threshold = float(self.model.ood_threshold)
         if self.physics is not None:
             evidence, unlike = self.physics.flags(x, m)
@@ -88,11 +105,32 @@ class Predictor:
                 "size_class_probs": [round(float(p), 6) for p in sp],
                 "dispersion_class_probs": [round(float(p), 6) for p in dp],
                 "ood_score": float(pred["ood_score"][i]),
+                "resolution_given": None if told is None else [float(v) for v in told],
                 "material_evidence": None if np.isnan(evidence[i]) else round(float(evidence[i]), 4),
                 "out_of_distribution": bool(pred["ood_score"][i] > threshold or unlike[i]),
                 "model_uri": self.model_uri,
             })
         return out
+
+
+def check_resolution(resolution) -> tuple[float, float, float]:
+    """(fwhm0_inv_angstrom, fwhm_relative, lorentz_fraction) from 2 or 3 numbers (eta 0 if not given), checked;
+    a string is split at commas ("0.02,0.002")."""
+    try:
+        parts = resolution.split(",") if isinstance(resolution, str) else resolution
+        values = [float(v) for v in parts]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) == 2:
+        values.append(0.0)
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise InputError(f"resolution = {resolution!r}: expected fwhm0 (1/A), fwhm_relative and optionally the "
+                         "Lorentzian fraction, e.g. 0.02,0.002 or 0.02,0.002,0.1")
+    names = ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")
+    for name, v, hi in zip(names, values, (0.5, 0.1, 1.0)):
+        if not 0 <= v <= hi:
+            raise InputError(f"resolution {name} = {v!r}: expected 0 <= value <= {hi}")
+    return tuple(values)
 
 
 try:

@@ -28,7 +28,7 @@ FROZEN_SPLITS = ("benchmark", "seedgrid")
 class LossWeights:
     size: float = 1.0
     dispersion: float = 1.0
-    regression: float = 0.5
+    regression: float = 1.0
     # beta-NLL (Seitzer et al., ICLR 2022): each sample's Gaussian NLL weighted by its predicted variance^beta
     # (not differentiated), so that hard samples with a large predicted variance still pull the mean; 0 = plain NLL
     nll_beta: float = 0.5
@@ -72,6 +72,9 @@ class TrainConfig:
     # where training ends between the anchor (0) and the configured full ranges (1): a hyperparameter
     augment_strength: float = 1.0
     holdout: Holdout = field(default_factory=Holdout)
+    # fraction of training patterns whose instrument resolution the network is told (the rest: not told, as when a
+    # user does not know it); needs model.resolution_input
+    resolution_known: float = 0.5
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience"):
@@ -87,6 +90,11 @@ class TrainConfig:
             raise bad("train.ema_decay", self.ema_decay, "a number 0 <= d < 1 (0 turns the average off)")
         if self.weight_decay < 0:
             raise bad("train.weight_decay", self.weight_decay, "a non-negative weight decay")
+        if not 0 <= self.resolution_known <= 1:
+            raise bad("train.resolution_known", self.resolution_known, "a fraction 0 <= f <= 1")
+        if self.resolution_known > 0 and not self.model.resolution_input:
+            raise bad("train.resolution_known", self.resolution_known,
+                      "0 when train.model.resolution_input is false (the network has no resolution input)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,7 +110,7 @@ class TrainFile:
 def make_augmenter(augment_cfg: dict, q_inv_angstrom: np.ndarray):
     """The physics-informed augmenter for this Q grid, from a preset name plus overrides (`none`: identity)."""
     if augment_cfg.get("preset") == "none":
-        return lambda batch, generator: batch
+        return lambda batch, generator, **_: batch
     from qdsize.sim import augment
 
     return augment.from_config(augment_cfg, q_inv_angstrom)
@@ -141,6 +149,20 @@ def _augment_at(cfg: TrainConfig, strength: float) -> dict:
     if strength >= 1 or cfg.augment.get("preset") == "none":
         return cfg.augment
     return warmed_augment(cfg.augment, cfg.augment_anchor, strength)
+
+
+def trained_resolution(cfg: TrainConfig) -> dict[str, list[float]]:
+    """The range of each resolution parameter the network saw at the end of training (0 included where the
+    broadening is not always applied)."""
+    from qdsize.sim import augment
+
+    r = augment.config_from(_augment_at(cfg, cfg.augment_strength)).to_dict()["resolution"]
+    out = {}
+    for key in ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction"):
+        v = [float(t) for t in np.ravel(r[key])] if r.get("enabled") else [0.0]
+        lo = 0.0 if not r.get("enabled") or r.get("probability", 1.0) < 1.0 else min(v)
+        out[key] = [lo, max(v)]
+    return out
 
 
 def without_solvents(augment_cfg: dict, solvents: list[str]) -> dict:
@@ -186,7 +208,8 @@ def shifted_split(dataset: str, holdout: Holdout, anchor: str, q: np.ndarray, se
 
 
 def shifted_scores(model: QDNet, shifted: dict, device, edges) -> dict:
-    """Benchmark metrics on both sides of a shifted split and the drop from "in" to "out" (positive = worse)."""
+    """Benchmark metrics on both sides of a shifted split and the drop from "in" to "out" (positive = worse); the
+    network is not told the resolution (the shift is in shape and solvent)."""
     keys = ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
             "joint_accuracy", "size_within_0p25nm", "joint_within")
     m = {}
@@ -239,12 +262,16 @@ def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict) -> dict[str, float]:
+def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Tensor | None = None) -> dict[str, float]:
     """Temperature-scale both class heads and rescale both predicted variances on held-out data."""
     model.eval()
     for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_var_scale", "dispersion_var_scale"):
         getattr(model, buf).fill_(1.0)
-    outs = [model(x[a:a + 1024], None if mask is None else mask[a:a + 1024]) for a in range(0, len(x), 1024)]
+
+    def part(t, a):
+        return None if t is None else t[a:a + 1024]
+
+    outs = [model(x[a:a + 1024], part(mask, a), part(resolution, a)) for a in range(0, len(x), 1024)]
     out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
     result = {}
     for head, label in (("size", "size_class"), ("dispersion", "dispersion_class")):
@@ -259,7 +286,7 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict) -> dict[str, float]:
         z2 = ((out[key] - (y[label].float() - centre) / scale) ** 2 * torch.exp(-out[key + "_logvar"])).mean()
         getattr(model, f"{key}_var_scale").fill_(float(z2))
         result[f"{key}_var_scale"] = float(z2)
-    pooled = torch.cat([model.pooled(x[a:a + 1024], None if mask is None else mask[a:a + 1024])
+    pooled = torch.cat([model.pooled(x[a:a + 1024], part(mask, a), part(resolution, a))
                         for a in range(0, len(x), 1024)])
     result["ood_threshold"] = model.fit_ood(pooled)
     return result
@@ -281,20 +308,27 @@ def read_frozen_splits(dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
             if data.layout.split_files(dataset, split)}
 
 
-def frozen_split_scores(model: QDNet, frozen: dict, device, edges) -> tuple[dict, dict]:
-    """Scores on the frozen splits (from `read_frozen_splits`) under the names the registry compares."""
+def frozen_split_scores(model: QDNet, frozen: dict, device, edges,
+                        instrument: np.ndarray | None = None) -> tuple[dict, dict]:
+    """Scores on the frozen splits (from `read_frozen_splits`) under the names the registry compares.
+
+    The named scores are those of `qdsize predict` as it runs by default: the network is not told the resolution.
+    With the splits' `instrument` (`data.instrument_of`) and a network that takes it, `{split}_told_*` are the scores
+    with the resolution told, as `qdsize predict --resolution` does for a user who calibrated the instrument.
+    """
+    told = instrument is not None and model.config.resolution_input
     scores, preds = {}, {}
     for split, (x, lab) in frozen.items():
-        pred = evaluate.predict_arrays(model, x, device=device)
-        m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
-                             lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
-        preds[split] = (x, lab, pred)
-        if split == "seedgrid":
-            keys = ("size_within_0p25nm", "dispersion_within_2p5pct", "joint_within")
-        else:
-            keys = ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
-                    "joint_accuracy", "ece", "mean_diameter_nll", "dispersion_nll", "mean_diameter_coverage_1sigma")
-        scores.update({f"{split}_{k}": m[k] for k in keys})
+        keys = (("size_within_0p25nm", "dispersion_within_2p5pct", "joint_within") if split == "seedgrid" else
+                ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
+                 "joint_accuracy", "ece", "mean_diameter_nll", "dispersion_nll", "mean_diameter_coverage_1sigma"))
+        for prefix, res in ((split, None), *([(f"{split}_told", instrument)] if told else [])):
+            pred = evaluate.predict_arrays(model, x, device=device, resolution=res)
+            m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
+                                 lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
+            scores.update({f"{prefix}_{k}": m[k] for k in keys})
+            if prefix == split:
+                preds[split] = (x, lab, pred)
     return scores, preds
 
 
@@ -343,19 +377,22 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     q = data.q_grid(dataset, "train")
     edges = data.class_edges(dataset)  # the classes are the dataset's: the heads follow them
     cfg.model.n_size_classes, cfg.model.n_dispersion_classes = len(edges[0]) - 1, len(edges[1]) - 1
+    cfg.model.size_edges_nm, cfg.model.dispersion_edges_pct = list(edges[0]), list(edges[1])
     held = {"shape": list(cfg.holdout.shapes)} if cfg.holdout.shapes else None  # a shifted split, if asked
     cfg.augment = without_solvents(cfg.augment, list(cfg.holdout.solvents))
     augmenter = make_augmenter(_augment_at(cfg, cfg.augment_strength), q)
     train_stream = data.ShardStream(dataset, "train", cfg.batch_size, seed=cfg.seed, augment=augmenter,
                                     truncation=cfg.truncation, device=device, limit=cfg.max_train_rows,
-                                    exclude=held)
+                                    exclude=held, resolution_known=cfg.resolution_known)
     xv, lv = data.read_split(dataset, "val", limit=cfg.max_val_rows, exclude=held)
     gen_val = torch.Generator().manual_seed(cfg.seed + 1)
-    xv_t = augmenter(torch.as_tensor(xv), gen_val).to(device)
+    xv_t, res_v = data.augment_batch(augmenter, torch.as_tensor(xv), gen_val, cfg.resolution_known)
+    xv_t, res_v = xv_t.to(device), res_v.to(device)
     yv = {k: torch.as_tensor(v, device=device) for k, v in lv.items()}
     mask_v = data.truncation_mask(torch.as_tensor(q, dtype=torch.float32), len(xv), cfg.truncation,
                                   gen_val).to(device)
     frozen = read_frozen_splits(dataset)  # scored at the end (and after every epoch, if asked)
+    instrument = data.instrument_of(dataset)  # the frozen splits' resolution, when their preset fixes it
 
     # ---- model and optimiser
     net = QDNet(cfg.model).to(device)  # the weights the optimiser moves
@@ -395,10 +432,10 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
             net.train()
             t0, sums, n = time.perf_counter(), {}, 0
             bar = _progress(progress, steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
-            for step, (x, mask, y) in enumerate(train_stream):
+            for step, (x, mask, y, res) in enumerate(train_stream):
                 if step >= steps_per_epoch:
                     break
-                out = net(x, mask)
+                out = net(x, mask, res)
                 ls = losses(out, y, cfg.loss)
                 opt.zero_grad(set_to_none=True)
                 ls["loss"].backward()
@@ -415,10 +452,12 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
             # ---- validation
             model.eval()
             with torch.no_grad():
-                outs = [model(xv_t[a:a + 1024], mask_v[a:a + 1024]) for a in range(0, len(xv_t), 1024)]
+                outs = [model(xv_t[a:a + 1024], mask_v[a:a + 1024], res_v[a:a + 1024])
+                        for a in range(0, len(xv_t), 1024)]
                 out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
                 vl = {k: float(v) for k, v in losses(out, yv, cfg.loss).items()}
-            pred = evaluate.predict_arrays(model, xv_t.cpu().numpy(), mask_v.cpu().numpy(), device=device)
+            pred = evaluate.predict_arrays(model, xv_t.cpu().numpy(), mask_v.cpu().numpy(), device=device,
+                                           resolution=res_v.cpu().numpy())
             vm = evaluate.metrics(pred, lv["mean_diameter_nm"], lv["size_dispersion_pct"], lv["size_class"],
                                   lv["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
             row = {"epoch": epoch + 1, **{f"train_{k}": v / max(n, 1) for k, v in sums.items()},
@@ -428,7 +467,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
                    "val_dispersion_mae": vm["dispersion_mae_pct"], "val_ece": vm["ece"],
                    "patterns_per_s": n / (time.perf_counter() - t0)}
             if cfg.score_frozen_every_epoch:
-                row.update(frozen_split_scores(model, frozen, device, edges)[0])
+                row.update(frozen_split_scores(model, frozen, device, edges, instrument)[0])
             history.append(row)
             mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch + 1)
             if report is not None:
@@ -448,10 +487,10 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         model.load_state_dict(best_state)
 
         # ---- calibration on validation, then the frozen splits
-        cal = calibrate(model, xv_t, mask_v, yv)
+        cal = calibrate(model, xv_t, mask_v, yv, res_v)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
         physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy())
-        scores, preds = frozen_split_scores(model, frozen, device, edges)
+        scores, preds = frozen_split_scores(model, frozen, device, edges, instrument)
         if held or cfg.holdout.solvents:
             shifted = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed)
             scores.update(shifted_scores(model, shifted, device, edges))
@@ -466,7 +505,8 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
             from .predict import Predictor, log_pyfunc
 
             model = model.cpu()
-            card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict()}
+            card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict(),
+                    "resolution_trained": trained_resolution(cfg)}
             model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card, physics=physics),
                                    xv[:2])
             mlflow.set_tag("qdsize.model_uri", model_uri)

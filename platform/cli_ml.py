@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +48,20 @@ def train(
     typer.echo(f"run {result['run_id']} in {uri}; model {result['model_uri']}")
 
 
+def resolution_warnings(predictor, told) -> list[str]:
+    """What a user should know about the resolution they gave: ignored by an older model, or outside training."""
+    if not predictor.takes_resolution:
+        return [f"--resolution: model {predictor.model_uri} was trained without a resolution input; ignored"]
+    trained = predictor.card.get("resolution_trained") or {}
+    out = []
+    for name, v in zip(("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction"), told):
+        lo, hi = trained.get(name, (0.0, float("inf")))
+        if not lo - 1e-12 <= v <= hi + 1e-12:
+            out.append(f"--resolution {name} = {v:g} lies outside what the model was trained on [{lo:g}, {hi:g}]; "
+                       "the estimates may be biased")
+    return out
+
+
 @app.command()
 def evaluate(
     model_uri: str = typer.Argument(..., help="models:/qdsize-pbs@champion, models:/m-..., or a model folder."),
@@ -61,6 +76,8 @@ def evaluate(
 
     tracking.setup(tracking_uri)
     pred_model = predict.load(model_uri)
+    # the frozen splits' instrument, told to a network that takes it (scored without it too)
+    instrument = data.instrument_of(dataset) if pred_model.takes_resolution else None
     rows = {}
     for s in split:
         x, lab = data.read_split(dataset, s)
@@ -68,9 +85,12 @@ def evaluate(
         if len(q) != len(pred_model.q_inv_angstrom) or abs(q - pred_model.q_inv_angstrom).max() > 1e-9:
             raise InputError(f"dataset = {str(dataset)!r}: its Q grid differs from the model's")
         p = ev.predict_arrays(pred_model.model, x)
-        m = ev.metrics(p, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
-                       lab["dispersion_class"])
-        rows[s] = m
+        rows[s] = ev.metrics(p, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
+                             lab["dispersion_class"])
+        if instrument is not None and s in ("benchmark", "seedgrid"):
+            told = ev.predict_arrays(pred_model.model, x, resolution=instrument)
+            rows[f"{s} (resolution told)"] = ev.metrics(told, lab["mean_diameter_nm"], lab["size_dispersion_pct"],
+                                                        lab["size_class"], lab["dispersion_class"])
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             for head, edges, unit, label in (("size", ev.SIZE_EDGES_NM, "nm", "size_class"),
@@ -84,7 +104,11 @@ def evaluate(
     table = Table("metric", *rows)
     for k in keys:
         table.add_row(k, *[f"{rows[s].get(k, float('nan')):.4f}" for s in rows])
-    Console().print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped or saved: not cut to 80 columns
+    if instrument is not None:
+        f0, rel, eta = (float(v) for v in instrument)
+        typer.echo(f"'resolution told': the network was also told the splits' instrument resolution (FWHM0 {f0:g} "
+                   f"1/A, relative {rel:g}, eta {eta:g}), as `qdsize predict --resolution {f0:g},{rel:g}` does")
 
 
 @app.command()
@@ -117,7 +141,6 @@ def ui(
 ):
     """Open the MLflow UI on the configured tracking store (Ctrl-C to stop)."""
     import subprocess
-    import sys
 
     from qdsize.platform import tracking
 
@@ -174,17 +197,26 @@ def predict(
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
+    resolution: Optional[str] = typer.Option(
+        None, "--resolution", metavar="FWHM0,REL[,ETA]",
+        help="Instrument resolution from a calibrant (CeO2, LaB6, Si): FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2) in 1/A, "
+             "pseudo-Voigt with Lorentzian fraction ETA (default 0). Sharper sizes for large dots."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
-    import sys
-
     import numpy as np
 
+    from qdsize.ml.predict import check_resolution
     from qdsize.sim import measured
 
     if fmt not in ("table", "json", "csv"):
         raise InputError(f"--format = {fmt!r}: expected table, json or csv")
+    told = None
+    if resolution is not None:
+        told = check_resolution(resolution)
     predictor = resolve_model(model, tracking_uri)
+    if told is not None:
+        for line in resolution_warnings(predictor, told):
+            typer.echo(f"qdsize: warning: {line}", err=True)
     q = predictor.q_inv_angstrom
     rows, failures, inputs = [], [], []
     for f in files:
@@ -201,7 +233,7 @@ def predict(
     if inputs:
         x = np.stack([y for _, y, _ in inputs])
         m = np.stack([mk for _, _, mk in inputs])
-        for (f, _, _), res in zip(inputs, predictor.predict(x, m)):
+        for (f, _, _), res in zip(inputs, predictor.predict(x, m, resolution=told)):
             rows.append({"file": str(f), **res})
     if refine and rows:
         from qdsize.platform.cli_refine import emit_refined, refine_rows

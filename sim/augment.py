@@ -398,6 +398,7 @@ class _Batch(NamedTuple):
     device: torch.device
     dtype: torch.dtype
     tiny: float
+    drawn: dict | None = None  # when a dict: the per-sample instrument parameters drawn, for the caller
 
 
 class Augmenter:
@@ -656,6 +657,8 @@ class Augmenter:
         rel = self._strength(s, c.fwhm_relative) * on
         eta = self._strength(s, c.lorentz_fraction)
         active = (fwhm0 > 0) | (rel > 0)
+        if s.drawn is not None:
+            s.drawn["resolution"] = torch.stack([fwhm0, rel, eta * active], dim=1)
         if bool(active.any()):
             y = self._broaden(y, fwhm0, rel, eta, active, s.T)
         return y, blank
@@ -725,9 +728,11 @@ class Augmenter:
 
     # -- main ---------------------------------------------------------------------------------------------------
     def __call__(self, batch: torch.Tensor, generator: torch.Generator | None = None, *,
-                 timings: dict | None = None) -> torch.Tensor:
+                 timings: dict | None = None, drawn: dict | None = None) -> torch.Tensor:
         """Augment a (batch, n_q) tensor on its own device; every sample draws its own strengths. With a dict as
-        `timings`, the seconds spent in each effect (STEPS) are added to it (device synchronised per effect)."""
+        `timings`, the seconds spent in each effect (STEPS) are added to it (device synchronised per effect). With a
+        dict as `drawn`, the instrument each sample was given is put in it: "resolution", (batch, 3) of fwhm0 (1/A),
+        fwhm_relative and lorentz_fraction (zeros where no broadening was applied; absent if resolution is off)."""
         if batch.ndim != 2 or batch.shape[1] != self.q_inv_angstrom.size:
             raise bad("batch", f"tensor of shape {tuple(batch.shape)}",
                       f"(batch, {self.q_inv_angstrom.size}) on the augmenter's Q grid")
@@ -739,7 +744,7 @@ class Augmenter:
         T = self._on(dev, dt)
         x = batch.to(dt)
         tiny = torch.finfo(dt).tiny * 1e6
-        s = _Batch(x, (x @ T["dq"]).clamp(min=tiny), T, generator, x.shape[0], dev, dt, tiny)
+        s = _Batch(x, (x @ T["dq"]).clamp(min=tiny), T, generator, x.shape[0], dev, dt, tiny, drawn)
         y, blank = x, None
         for name in steps:
             start = time.perf_counter()

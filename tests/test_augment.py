@@ -269,3 +269,24 @@ def test_presets_load_and_overrides_merge():
     assert r.solvent.names == ["toluene"] and r.counts.max_counts == (1e5, 1e5)
     with pytest.raises(InputError, match="augment.preset"):
         augment.config_from({"preset": "nope"})
+
+
+def test_drawn_resolution_is_what_was_applied(pbs):
+    x = batch_of(pbs, 256)
+    cfg = only(resolution={"probability": 0.5, "fwhm0_inv_angstrom": [0.01, 0.03], "fwhm_relative": 0.002,
+                           "lorentz_fraction": [0.0, 0.2]})
+    drawn: dict = {}
+    y = augment.from_config(cfg, Q)(x, torch.Generator().manual_seed(0), drawn=drawn)
+    r = drawn["resolution"]
+    assert r.shape == (256, 3)
+    applied = r[:, 0] > 0
+    assert 0.3 < applied.float().mean() < 0.7  # the probability gate
+    assert ((r[applied, 0] >= 0.01) & (r[applied, 0] <= 0.03)).all() and (r[applied, 1] == 0.002).all()
+    assert (r[~applied] == 0).all()  # not broadened: the instrument is perfect
+    assert torch.equal(y[~applied], x[~applied]) and not torch.allclose(y[applied], x[applied])
+    # the draw of one sample reproduces its pattern through a fixed-resolution augmenter
+    i = int(torch.nonzero(applied)[0])
+    f0, rel, eta = (float(v) for v in r[i])
+    one = augment.from_config(only(resolution={"probability": 1.0, "fwhm0_inv_angstrom": f0, "fwhm_relative": rel,
+                                               "lorentz_fraction": eta}), Q)(x[:1])
+    torch.testing.assert_close(one[0], y[i], rtol=1e-4, atol=1e-3)

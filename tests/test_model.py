@@ -83,5 +83,26 @@ def test_position_channel_runs_from_minus_one_to_one_and_is_optional():
     assert with_pos.shape == (2, 3, 50) and without.shape == (2, 2, 50)
     torch.testing.assert_close(with_pos[:, :2], without)
     assert with_pos[0, 2, 0] == -1 and with_pos[1, 2, -1] == 1
-    assert QDNet(ModelConfig()).features[0].in_channels == 3
-    assert QDNet(ModelConfig(position_channel=False)).features[0].in_channels == 2
+    assert QDNet(ModelConfig(resolution_input=False)).features[0].in_channels == 3
+    assert QDNet(ModelConfig(position_channel=False, resolution_input=False)).features[0].in_channels == 2
+
+
+def test_resolution_input_says_known_or_not_and_changes_the_prediction():
+    from qdsize.ml.model import RESOLUTION_SCALE
+
+    x = torch.rand(3, 64) + 1
+    res = torch.tensor([[0.02, 0.002, 0.0], [float("nan")] * 3, [0.05, 0.006, 0.2]])
+    ch = normalise_input(x, position=True, resolution=res, resolution_input=True)
+    assert ch.shape == (3, 7, 64)
+    assert ch[0, 3].eq(1).all() and ch[1, 3:].eq(0).all() and ch[2, 3].eq(1).all()  # known flags; unknown all zero
+    torch.testing.assert_close(ch[2, 4:, 0], torch.tensor([0.05, 0.006, 0.2]) / torch.tensor(RESOLUTION_SCALE))
+    torch.testing.assert_close(ch[0, 4, :], torch.full((64,), 0.4))  # constant along Q
+    none = normalise_input(x, position=True, resolution=None, resolution_input=True)
+    unknown = normalise_input(x, position=True, resolution=res[[1, 1, 1]], resolution_input=True)
+    torch.testing.assert_close(none, unknown)
+    torch.manual_seed(0)
+    net = QDNet(ModelConfig(channels=[8, 8], kernels=[5, 3], strides=[2, 2])).eval()
+    assert net.features[0].in_channels == 7
+    told, blind = net(x, resolution=res[[0, 0, 0]]), net(x)
+    assert not torch.allclose(told["mean_diameter"], blind["mean_diameter"])
+    torch.testing.assert_close(net(x, resolution=res[0])["mean_diameter"], told["mean_diameter"])  # one row for all

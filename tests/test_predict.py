@@ -210,3 +210,26 @@ def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_the_instrument_resolution_is_told_to_the_network_or_refused_by_name(store, sample_files):
+    good = sample_files[("xy", "q_A")]
+    blind = qdsize("predict", good, "--format", "json", env_home=store["home"], uri=store["uri"])
+    told = qdsize("predict", good, "--format", "json", "--resolution", "0.02,0.002", env_home=store["home"],
+                  uri=store["uri"])
+    assert blind.returncode == told.returncode == 0, told.stderr
+    b, t = json.loads(blind.stdout)[0], json.loads(told.stdout)[0]
+    assert b["resolution_given"] is None and t["resolution_given"] == [0.02, 0.002, 0.0]
+    assert t["mean_diameter_nm"] != b["mean_diameter_nm"]
+    wide = qdsize("predict", good, "--resolution", "0.2,0.002,0.1", env_home=store["home"], uri=store["uri"])
+    assert wide.returncode == 0 and "outside what the model was trained on" in wide.stderr
+    for value, field in (("0.02,abc", "resolution"), ("0.02,-0.002", "fwhm_relative"), ("0.02,0.002,2", "lorentz")):
+        r = qdsize("predict", good, "--resolution", value, env_home=store["home"], uri=store["uri"])
+        assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, (value, r.stderr)
+
+
+def test_evaluate_scores_the_frozen_splits_with_and_without_their_resolution(store, tiny_dataset):
+    r = qdsize("evaluate", "models:/qdsize-pbs@champion", tiny_dataset, env_home=store["home"], uri=store["uri"])
+    assert r.returncode == 0, r.stderr
+    assert "size_within_0p25nm" in r.stdout and "told" in r.stdout  # the told columns (headers wrap)
+    assert "--resolution 0.02,0.002" in r.stdout  # and which resolution they were told

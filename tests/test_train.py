@@ -101,7 +101,7 @@ def test_shifted_split_keeps_a_shape_and_a_solvent_out_and_scores_the_drop(tiny_
     held = {"shape": ["cuboctahedron"]}
     stream = data.ShardStream(tiny_dataset, "train", 64, exclude=held)
     shapes = data.layout.load_split(tiny_dataset, "train", columns=["shape"])[1]["shape"]
-    assert sum(len(x) for x, _, _ in stream) == int((shapes != "cuboctahedron").sum()) < len(shapes)
+    assert sum(len(x) for x, *_ in stream) == int((shapes != "cuboctahedron").sum()) < len(shapes)
     names = augment.config_from(without_solvents({"preset": "default"}, ["water"])).to_dict()["solvent"]["names"]
     assert "water" not in names and "toluene" in names
 
@@ -135,7 +135,7 @@ def test_stream_ends_cleanly_when_the_rows_end_at_a_buffer_boundary(tiny_dataset
     from qdsize.ml import data
 
     stream = data.ShardStream(tiny_dataset, "train", 64, buffer_rows=128, limit=512)
-    assert sum(len(x) for x, _, _ in stream) == 512
+    assert sum(len(x) for x, *_ in stream) == 512
 
 
 def test_weight_average_follows_the_network_and_ramps_its_decay():
@@ -154,3 +154,47 @@ def test_weight_average_follows_the_network_and_ramps_its_decay():
     for step in range(1000, 1200):  # decay capped at 0.9 from here: 0.9 ** 200 of the gap is left
         ema_update(avg, net, 0.9, step)
     torch.testing.assert_close(avg.size_head.weight, net.size_head.weight, rtol=0, atol=1e-6)
+
+
+def test_resolution_known_to_a_fraction_of_the_stream_and_the_frozen_splits_instrument(tiny_dataset):
+    import torch
+
+    from qdsize.ml import data
+    from qdsize.ml.train import make_augmenter
+
+    aug = make_augmenter({"preset": "default"}, data.q_grid(tiny_dataset))
+    stream = data.ShardStream(tiny_dataset, "train", 64, augment=aug, resolution_known=0.5)
+    res = torch.cat([r for *_, r in stream])
+    known = torch.isfinite(res).all(1)
+    assert 0.35 < known.float().mean() < 0.65
+    assert torch.isnan(res[~known]).all() and (res[known] >= 0).all() and (res[known, 0] <= 0.05).all()
+    clean = torch.cat([r for *_, r in data.ShardStream(tiny_dataset, "train", 64, resolution_known=1.0)])
+    assert (clean == 0).all()  # not augmented: no instrument broadening, and said so
+    np.testing.assert_allclose(data.instrument_of(tiny_dataset), [0.02, 0.002, 0.0])  # the realistic preset
+
+
+def test_scores_with_and_without_the_resolution_told_and_the_card_says_what_was_trained(tiny_dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp = tracking.ensure_experiment("qdsize-tiny", local_artifacts=True)
+    cfg = _cfg(tiny_dataset, epochs=2, augment={"preset": "default"}, augment_strength=0.5, resolution_known=0.5)
+    res = train(cfg, tracking_uri=uri, experiment_id=exp, progress=False)
+    for key in ("seedgrid_size_within_0p25nm", "seedgrid_told_size_within_0p25nm", "benchmark_mean_diameter_mae_nm",
+                "benchmark_told_mean_diameter_mae_nm"):
+        assert np.isfinite(res[key]), key
+    assert res["benchmark_mean_diameter_mae_nm"] != res["benchmark_told_mean_diameter_mae_nm"]
+    loaded = predict.load(res["model_uri"])
+    assert loaded.takes_resolution
+    assert loaded.card["resolution_trained"]["fwhm0_inv_angstrom"] == [0.0, pytest.approx(0.035)]
+    from qdsize.ml import data
+    x, _ = data.read_split(tiny_dataset, "benchmark", limit=4)
+    told, blind = loaded.predict(x, resolution=(0.02, 0.002)), loaded.predict(x)
+    assert told[0]["resolution_given"] == [0.02, 0.002, 0.0] and blind[0]["resolution_given"] is None
+    assert told[0]["mean_diameter_nm"] != blind[0]["mean_diameter_nm"]
+    from qdsize.sim.errors import InputError
+    with pytest.raises(InputError, match="fwhm_relative"):
+        loaded.predict(x, resolution=(0.02, -0.1))
+    with pytest.raises(InputError, match="resolution"):
+        loaded.predict(x, resolution=(0.02,))
+    with pytest.raises(InputError, match="train.resolution_known"):
+        _cfg(tiny_dataset, resolution_known=0.5, model={"resolution_input": False})
