@@ -106,3 +106,21 @@ def test_resolution_input_says_known_or_not_and_changes_the_prediction():
     told, blind = net(x, resolution=res[[0, 0, 0]]), net(x)
     assert not torch.allclose(told["mean_diameter"], blind["mean_diameter"])
     torch.testing.assert_close(net(x, resolution=res[0])["mean_diameter"], told["mean_diameter"])  # one row for all
+
+
+def test_class_probabilities_of_the_continuous_estimate():
+    from qdsize.ml.model import interval_probs
+
+    edges = [2.0, 3.0, 4.0, 5.0]
+    mean = torch.tensor([2.5, 3.99, 4.6, 3.5, 40.0, -5.0])
+    std = torch.tensor([0.01, 0.01, 0.3, 100.0, 0.01, 0.01])
+    p = interval_probs(mean, std, edges)
+    torch.testing.assert_close(p.sum(1), torch.ones(6))
+    assert p.argmax(1).tolist() == [0, 1, 2, 1, 2, 0]  # the class of the mean; far outside: the nearest end
+    assert p[0, 0] > 0.999 and abs(p[1, 1] - p[1, 2]) < 0.9 and p[3].max() - p[3].min() < 0.01  # wide: flat
+    net = QDNet(ModelConfig(channels=[8], kernels=[3], strides=[2], n_size_classes=3, n_dispersion_classes=2,
+                            size_edges_nm=edges, dispersion_edges_pct=[0.0, 10.0, 25.0])).eval()
+    out = net(torch.rand(4, 32) + 1)
+    assert out["size_probs"].shape == (4, 3) and out["dispersion_probs"].shape == (4, 2)
+    with pytest.raises(InputError, match="model.size_edges_nm"):
+        ModelConfig(n_size_classes=3, size_edges_nm=[2.0, 3.0])
