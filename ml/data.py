@@ -13,6 +13,8 @@ from qdsize.sim.errors import InputError
 
 from qdsize.platform import dataset as layout
 
+from .model import RESOLUTION_KEYS
+
 LABELS = layout.LABEL_COLUMNS
 
 
@@ -93,22 +95,31 @@ def augment_batch(augment, x: torch.Tensor, gen: torch.Generator, resolution_kno
     return x, res
 
 
+def resolution_range(augment_cfg: dict) -> dict[str, list[float]]:
+    """[low, high] of each resolution parameter (RESOLUTION_KEYS) an augmentation config gives its patterns; 0 is
+    included where the broadening is not always applied (then the instrument is perfect)."""
+    from qdsize.sim import augment
+
+    r = augment.config_from(augment_cfg).to_dict()["resolution"]
+    out = {}
+    for key in RESOLUTION_KEYS:
+        v = [float(t) for t in np.ravel(r[key])] if r.get("enabled") else [0.0]
+        lo = 0.0 if not r.get("enabled") or r.get("probability", 1.0) < 1.0 else min(v)
+        out[key] = [lo, max(v)]
+    return out
+
+
 def instrument_of(dataset_dir: str | Path) -> np.ndarray | None:
-    """The resolution (fwhm0, fwhm_relative, lorentz_fraction) every pattern of the dataset's frozen splits was given,
-    when their augmentation preset fixes it (the `realistic` preset does); None when it varies or is unknown."""
+    """The resolution (RESOLUTION_KEYS) every pattern of the dataset's frozen splits was given, when their
+    augmentation preset fixes it (the `realistic` preset does); None when it varies or is unknown."""
     m = layout.read_manifest(dataset_dir) or {}
     preset = (((m.get("config") or {}).get("dataset") or {}).get("augment") or {}).get("preset")
     if not preset or preset == "none":
         return None
-    from qdsize.sim import augment
-
-    r = augment.config_from({"preset": preset}).to_dict()["resolution"]
-    if not r.get("enabled"):
-        return np.zeros(3, dtype=np.float32)
-    ranges = [np.ravel(r[k]).astype(float) for k in ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")]
-    if r.get("probability", 1.0) < 1.0 or any(np.ptp(v) > 0 for v in ranges):
+    ranges = resolution_range({"preset": preset})
+    if any(hi > lo for lo, hi in ranges.values()):
         return None
-    return np.asarray([v[0] for v in ranges], dtype=np.float32)
+    return np.asarray([lo for lo, _ in ranges.values()], dtype=np.float32)
 
 
 @dataclass

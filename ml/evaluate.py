@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .model import TARGET_SCALE, QDNet  # noqa: E402,F401  (TARGET_SCALE: re-exported for the training loss)
+from .model import TARGET_SCALE, QDNet  # noqa: E402
 
 SIZE_EDGES_NM = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 DISPERSION_EDGES_PCT = [0, 5, 10, 15, 25]
@@ -30,12 +30,13 @@ def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None 
     the instrument's (fwhm0 1/A, fwhm_relative, lorentz_fraction), one row for all patterns or one per pattern;
     None or NaN where not known."""
     model.eval()
-    res = None if resolution is None else np.asarray(resolution, dtype=np.float32)
+    told = None if resolution is None else np.asarray(resolution, dtype=np.float32)
     outs: dict[str, list] = {}
     for a in range(0, len(intensity), batch_size):
         x = torch.as_tensor(np.asarray(intensity[a:a + batch_size]), dtype=torch.float32, device=device)
         m = None if mask is None else torch.as_tensor(np.asarray(mask[a:a + batch_size]), device=device)
-        r = None if res is None else torch.as_tensor(res if res.ndim == 1 else res[a:a + batch_size], device=device)
+        r = None if told is None else torch.as_tensor(told if told.ndim == 1 else told[a:a + batch_size],
+                                                      device=device)
         o = model(x, m, r)
         for k, v in o.items():
             outs.setdefault(k, []).append(v.float().cpu())

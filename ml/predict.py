@@ -12,7 +12,7 @@ import torch
 from qdsize.sim.errors import InputError
 
 from . import evaluate, ood
-from .model import ModelConfig, QDNet
+from .model import RESOLUTION_KEYS, ModelConfig, QDNet
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
@@ -126,8 +126,7 @@ def check_resolution(resolution) -> tuple[float, float, float]:
     if len(values) != 3 or not all(np.isfinite(values)):
         raise InputError(f"resolution = {resolution!r}: expected fwhm0 (1/A), fwhm_relative and optionally the "
                          "Lorentzian fraction, e.g. 0.02,0.002 or 0.02,0.002,0.1")
-    names = ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")
-    for name, v, hi in zip(names, values, (0.5, 0.1, 1.0)):
+    for name, v, hi in zip(RESOLUTION_KEYS, values, (0.5, 0.1, 1.0)):
         if not 0 <= v <= hi:
             raise InputError(f"resolution {name} = {v!r}: expected 0 <= value <= {hi}")
     return tuple(values)

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from qdsize.sim.errors import bad
 
 from . import data, evaluate, ood
-from .model import ModelConfig, QDNet, pick_device
+from .model import TARGET_SCALE, ModelConfig, QDNet, pick_device
 
 REGISTERED_MODEL = "qdsize-pbs"
 FROZEN_SPLITS = ("benchmark", "seedgrid")
@@ -151,20 +151,6 @@ def _augment_at(cfg: TrainConfig, strength: float) -> dict:
     return warmed_augment(cfg.augment, cfg.augment_anchor, strength)
 
 
-def trained_resolution(cfg: TrainConfig) -> dict[str, list[float]]:
-    """The range of each resolution parameter the network saw at the end of training (0 included where the
-    broadening is not always applied)."""
-    from qdsize.sim import augment
-
-    r = augment.config_from(_augment_at(cfg, cfg.augment_strength)).to_dict()["resolution"]
-    out = {}
-    for key in ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction"):
-        v = [float(t) for t in np.ravel(r[key])] if r.get("enabled") else [0.0]
-        lo = 0.0 if not r.get("enabled") or r.get("probability", 1.0) < 1.0 else min(v)
-        out[key] = [lo, max(v)]
-    return out
-
-
 def without_solvents(augment_cfg: dict, solvents: list[str]) -> dict:
     """The augmentation config with some solvents taken out of its solvent list (a shifted split)."""
     if not solvents:
@@ -250,7 +236,7 @@ def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
     ce_disp = F.cross_entropy(out["dispersion_logits"], y["dispersion_class"].long())
     nll = 0.0
     for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
-        centre, scale = evaluate.TARGET_SCALE[key]
+        centre, scale = TARGET_SCALE[key]
         target = (y[label].float() - centre) / scale
         logvar = out[key + "_logvar"]
         per_sample = 0.5 * (logvar + (out[key] - target) ** 2 * torch.exp(-logvar))
@@ -282,7 +268,7 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
         getattr(model, f"{head}_temperature").fill_(t)
         result[f"{head}_temperature"] = t
     for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
-        centre, scale = evaluate.TARGET_SCALE[key]
+        centre, scale = TARGET_SCALE[key]
         z2 = ((out[key] - (y[label].float() - centre) / scale) ** 2 * torch.exp(-out[key + "_logvar"])).mean()
         getattr(model, f"{key}_var_scale").fill_(float(z2))
         result[f"{key}_var_scale"] = float(z2)
@@ -506,7 +492,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
 
             model = model.cpu()
             card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict(),
-                    "resolution_trained": trained_resolution(cfg)}
+                    "resolution_trained": data.resolution_range(_augment_at(cfg, cfg.augment_strength))}
             model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card, physics=physics),
                                    xv[:2])
             mlflow.set_tag("qdsize.model_uri", model_uri)
