@@ -136,7 +136,11 @@ try:
     import mlflow.pyfunc
 
     class PyfuncModel(mlflow.pyfunc.PythonModel):
-        """MLflow pyfunc: patterns on the model grid in (rows of floats, NaN where not measured), JSON fields out."""
+        """MLflow pyfunc: patterns on the model grid in (rows of floats, NaN where not measured), JSON fields out.
+
+        Params (in the signature, so a served model takes them too): `resolution`, the instrument's as
+        "fwhm0,fwhm_relative[,lorentz_fraction]" (as `qdsize predict --resolution`; "" = not known), and
+        `model_uri`, the URI reported in the output."""
 
         def load_context(self, context):
             self.predictor = Predictor.load(context.artifacts["qdsize_model"])
@@ -145,11 +149,15 @@ try:
             import pandas as pd
 
             x = model_input.to_numpy() if hasattr(model_input, "to_numpy") else np.asarray(model_input)
-            uri = (params or {}).get("model_uri", "") if isinstance(params, dict) else ""
-            self.predictor.model_uri = uri or self.predictor.model_uri
-            return pd.DataFrame(self.predictor.predict(np.asarray(x, dtype=np.float32)))
+            params = params if isinstance(params, dict) else {}
+            self.predictor.model_uri = params.get("model_uri") or self.predictor.model_uri
+            resolution = params.get("resolution") or None
+            return pd.DataFrame(self.predictor.predict(np.asarray(x, dtype=np.float32), resolution=resolution))
 except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps ml/ importable without it
     PyfuncModel = None
+
+
+PYFUNC_PARAMS = {"resolution": "", "model_uri": ""}  # the pyfunc's params and their defaults
 
 
 def log_pyfunc(predictor: Predictor, example: np.ndarray, name: str = "model") -> str:
@@ -164,7 +172,7 @@ def log_pyfunc(predictor: Predictor, example: np.ndarray, name: str = "model") -
         example = np.asarray(example, dtype=np.float32)
         out = PyfuncModel()
         out.predictor = predictor
-        sig = infer_signature(example, out.predict(None, example))
+        sig = infer_signature(example, out.predict(None, example), params=PYFUNC_PARAMS)
         code = str(Path(__file__).with_name("pyfunc_model.py"))  # models from code: no pickled Python object
         info = mlflow.pyfunc.log_model(name=name, python_model=code, artifacts={"qdsize_model": str(folder)},
                                        signature=sig, input_example=example,

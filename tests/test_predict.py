@@ -185,25 +185,35 @@ def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
         grid = pr.load("models:/qdsize-pbs@champion").q_inv_angstrom
         y, mask, _ = measured.resample(measured.read_pattern(path), grid)
         x = np.where(mask > 0, y, np.nan)
-        body = json.dumps({"inputs": [[None if np.isnan(v) else float(v) for v in x]]}).encode()
-        deadline = time.monotonic() + 180
-        answer = None
-        while time.monotonic() < deadline:
-            try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=10) as resp:
-                    answer = json.loads(resp.read())
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail("mlflow models serve exited")
-                time.sleep(1)
+        inputs = [[None if np.isnan(v) else float(v) for v in x]]
+
+        def ask(body: dict, deadline: float) -> dict | None:
+            while time.monotonic() < deadline:
+                try:
+                    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                                 data=json.dumps(body).encode(),
+                                                 headers={"Content-Type": "application/json"})
+                    with urllib.request.urlopen(req, timeout=10) as resp:
+                        return json.loads(resp.read())
+                except OSError:
+                    if proc.poll() is not None:
+                        pytest.fail("mlflow models serve exited")
+                    time.sleep(1)
+            return None
+
+        answer = ask({"inputs": inputs}, time.monotonic() + 180)
         assert answer is not None, "the served model never answered"
         served = answer["predictions"][0]
         assert served["mean_diameter_nm"] == pytest.approx(cli["mean_diameter_nm"], rel=1e-4)
         assert served["size_dispersion_pct"] == pytest.approx(cli["size_dispersion_pct"], rel=1e-4, abs=1e-4)
         assert list(served["size_class"]) == cli["size_class"]
+        # the instrument resolution goes in the request's params, as --resolution on the command line
+        cli_told = json.loads(qdsize("predict", path, "--format", "json", "--resolution", "0.02,0.002",
+                                     env_home=store["home"], uri=store["uri"]).stdout)[0]
+        told = ask({"inputs": inputs, "params": {"resolution": "0.02,0.002"}}, time.monotonic() + 30)
+        served_told = told["predictions"][0]
+        assert served_told["mean_diameter_nm"] == pytest.approx(cli_told["mean_diameter_nm"], rel=1e-4)
+        assert list(served_told["resolution_given"]) == [0.02, 0.002, 0.0]
     finally:
         import signal
 

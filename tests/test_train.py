@@ -51,6 +51,13 @@ def test_short_training_beats_chance_and_is_fully_tracked(tiny_dataset, tmp_path
     pyfunc = mlflow.pyfunc.load_model(res["model_uri"]).predict(x[:8])
     np.testing.assert_allclose(pyfunc["mean_diameter_nm"].to_numpy(), [d["mean_diameter_nm"] for d in direct],
                                rtol=1e-5)
+    # the instrument resolution goes through the pyfunc's params (so a served model takes it too)
+    told = loaded.predict(x[:8], resolution=(0.02, 0.002, 0.0))
+    pyfunc_told = mlflow.pyfunc.load_model(res["model_uri"]).predict(x[:8], params={"resolution": "0.02,0.002"})
+    np.testing.assert_allclose(pyfunc_told["mean_diameter_nm"].to_numpy(), [d["mean_diameter_nm"] for d in told],
+                               rtol=1e-5)
+    assert list(pyfunc_told["resolution_given"][0]) == [0.02, 0.002, 0.0]
+    assert not np.allclose([d["mean_diameter_nm"] for d in told], [d["mean_diameter_nm"] for d in direct])
     assert loaded.size_edges_nm == [2.0, 3.0, 4.0, 5.0, 6.0]
     assert json.loads(json.dumps(direct))[0]["size_class"][1] - direct[0]["size_class"][0] == 1.0
 
