@@ -201,8 +201,8 @@ def predict(
     refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
     resolution: Optional[str] = typer.Option(
         None, "--resolution", metavar="FWHM0,REL[,ETA]",
-        help="Instrument resolution from a calibrant (CeO2, LaB6, Si): FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2) in 1/A, "
-             "pseudo-Voigt with Lorentzian fraction ETA (default 0). Sharper sizes for large dots."),
+        help="Instrument resolution from a calibrant (`qdsize resolution`): FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2) in "
+             "1/A, pseudo-Voigt with Lorentzian fraction ETA (default 0). Sharper sizes for large dots."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
     import numpy as np
@@ -258,6 +258,56 @@ def predict(
         typer.echo(f"qdsize: error: {line}", err=True)
     if failures:
         sys.exit(2)
+
+
+@app.command()
+def resolution(
+    file: Path = typer.Argument(..., help="Pattern of a line-position standard measured like the samples."),
+    standard: str = typer.Option(..., "--standard", help="Si, LaB6 or CeO2 (NIST SRM 640f, 660c, 674b)."),
+    x_unit: Optional[str] = typer.Option(None, "--x-unit", help="q_A (1/A), q_nm (1/nm) or 2theta (degrees)."),
+    wavelength_angstrom: Optional[float] = typer.Option(None, "--wavelength-angstrom", "--wavelength",
+                                                        help="Wavelength for 2-theta data (A)."),
+    energy_kev: Optional[float] = typer.Option(None, "--energy-kev", help="Photon energy for 2-theta data (keV)."),
+    fmt: str = typer.Option("table", "--format", help="table or json."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the line widths and the fitted law."),
+):
+    """The instrument resolution from a calibrant pattern, as `qdsize predict --resolution` takes it."""
+    import json
+
+    from qdsize.sim import calibrant, measured
+
+    if fmt not in ("table", "json"):
+        raise InputError(f"--format = {fmt!r}: expected table or json")
+    std = calibrant.check_standard(standard)
+    pat = measured.read_pattern(file, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
+    for w in pat.warnings:
+        typer.echo(f"qdsize: warning: {file}: {w}", err=True)
+    fit = calibrant.fit_resolution(pat.q_inv_angstrom, pat.intensity, std, name=str(file))
+    if fmt == "json":
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({"file": str(file), **asdict(fit), "resolution_argument": fit.argument}, indent=1))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("hkl", "Q expected (1/A)", "Q fitted (1/A)", "FWHM (1/A)", "law (1/A)", "eta", "S/N", "used")
+        for ln in fit.lines:
+            table.add_row("".join(map(str, ln.hkl)), f"{ln.q_expected_inv_angstrom:.4f}",
+                          f"{ln.q_fitted_inv_angstrom:.4f}", f"{ln.fwhm_inv_angstrom:.4f}",
+                          f"{float(fit.fwhm_at(ln.q_fitted_inv_angstrom)):.4f}", f"{ln.lorentz_fraction:.2f}",
+                          f"{ln.snr:.0f}", "yes" if ln.used else "no")
+        console = Console()
+        console.print(table)
+        console.print(f"{std}: FWHM(Q) = sqrt({fit.fwhm0_inv_angstrom:.4f}^2 + ({fit.fwhm_relative:.5f} Q)^2) 1/A, "
+                      f"Lorentzian fraction {fit.lorentz_fraction:.2f}; rms misfit of the widths "
+                      f"{fit.rms_fwhm_misfit_inv_angstrom:.4f} 1/A; Q axis: zero shift "
+                      f"{fit.zero_shift_inv_angstrom:+.4f} 1/A, scale error {fit.scale_error:+.4%}")
+        console.print(f"use: qdsize predict SAMPLES --resolution {fit.argument}", highlight=False)
+    if plot is not None:
+        from qdsize.platform.figures import plot_resolution
+
+        plot_resolution(plot, fit, Path(file).name)
 
 
 def _flag(row: dict) -> str:

@@ -72,3 +72,27 @@ def plot_prediction(out_png, q, intensity, mask, cam, result: dict, size_edges, 
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_resolution(out_png, fit, title: str = "") -> Path:
+    """Line widths of a calibrant against Q, the fitted law FWHM(Q) = sqrt(fwhm0^2 + (rel Q)^2), lines left out."""
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    for used, style, label in ((True, "o", "lines used"), (False, "x", "lines left out (weak, blended)")):
+        pts = [(ln.q_fitted_inv_angstrom, ln.fwhm_inv_angstrom) for ln in fit.lines if ln.used == used]
+        if pts:
+            ax.plot(*np.array(pts).T, style, color="k" if used else "tab:red", label=label)
+    q = np.linspace(0.0, max(ln.q_fitted_inv_angstrom for ln in fit.lines) * 1.05, 200)
+    ax.plot(q, fit.fwhm_at(q), color="tab:blue",
+            label=f"fwhm0 {fit.fwhm0_inv_angstrom:.4f}, relative {fit.fwhm_relative:.5f}, eta {fit.lorentz_fraction:.2f}")
+    used = [ln.fwhm_inv_angstrom for ln in fit.lines if ln.used]
+    ax.set_ylim(0, 1.6 * max(used))
+    ax.set_xlabel(r"$Q$ (1/$\AA$)")
+    ax.set_ylabel(r"FWHM (1/$\AA$)")
+    ax.set_title(f"{title}: {fit.standard} line widths", fontsize=9)
+    ax.legend(fontsize=8, frameon=False)
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
