@@ -83,7 +83,8 @@ def plot_resolution(out_png, fit, title: str = "") -> Path:
             ax.plot(*np.array(pts).T, style, color="k" if used else "tab:red", label=label)
     q = np.linspace(0.0, max(ln.q_fitted_inv_angstrom for ln in fit.lines) * 1.05, 200)
     ax.plot(q, fit.fwhm_at(q), color="tab:blue",
-            label=f"fwhm0 {fit.fwhm0_inv_angstrom:.4f}, relative {fit.fwhm_relative:.5f}, eta {fit.lorentz_fraction:.2f}")
+            label=f"fwhm0 {fit.fwhm0_inv_angstrom:.4f}, relative {fit.fwhm_relative:.5f}, "
+                  f"eta {fit.lorentz_fraction:.2f}")
     used = [ln.fwhm_inv_angstrom for ln in fit.lines if ln.used]
     ax.set_ylim(0, 1.6 * max(used))
     ax.set_xlabel(r"$Q$ (1/$\AA$)")
