@@ -55,6 +55,9 @@ class SolventConfig:
     probability: float = _num(1.0, bounds=(0, 1))
     names: list = field(default_factory=lambda: list(solvents.SOLVENTS))
     ratio: tuple = _rng(0.0, 3.0, bounds=(0, 1000), unit="solvent-to-particle integral ratio")
+    # a liquid we did not tabulate: the solvent's curve stretched along Q, I(Q / k), so its structure peaks move
+    # by k (denser or smaller molecules: k > 1); 1 = the tabulated solvent
+    dilation: tuple = _rng(1.0, 1.0, bounds=(0.25, 4.0), log=True, unit="x the Q of the solvent's features")
 
 
 @dataclass
@@ -434,6 +437,12 @@ class Augmenter:
         if c.solvent.enabled:
             curves = [solvents.solvent_intensity(nm, q) for nm in c.solvent.names]
             self._t["solvent"] = np.array([s / np.sum(s * dq) for s in curves])
+            k_lo, k_hi = c.solvent.dilation
+            if (k_lo, k_hi) != (1.0, 1.0):  # the curves on a grid that covers Q / k for every k drawn
+                step = float(dq.min()) / (2.0 * k_hi)
+                fine = np.arange(edges[0] / k_hi, edges[-1] / k_lo + 2 * step, step)
+                self._dil0_inv_angstrom, self._dil_step_inv_angstrom = float(fine[0]), step
+                self._t["solvent_fine"] = np.array([solvents.solvent_intensity(nm, fine) for nm in c.solvent.names])
         if c.capillary.enabled:
             curves = [solvents.capillary_intensity(nm, q) for nm in c.capillary.materials]
             self._t["capillary"] = np.array([s / np.sum(s * dq) for s in curves])
@@ -644,7 +653,21 @@ class Augmenter:
         return y + added, added if blank is None else blank + added
 
     def _solvent(self, y, blank, s: _Batch):
-        return self._blank_term(y, blank, s, self.config.solvent, len(self.config.solvent.names), "solvent")
+        c = self.config.solvent
+        if "solvent_fine" not in s.T:
+            return self._blank_term(y, blank, s, c, len(c.names), "solvent")
+        on = self._gate(s, c.probability)
+        which = self._pick(s, len(c.names))
+        ratio = self._strength(s, c.ratio) * on
+        k = self._strength(s, c.dilation, log=True)
+        # I(Q / k) read off the fine table, then normalised to unit integral over the grid like the tabulated ones
+        pos = ((s.T["q"][None, :] / k[:, None] - self._dil0_inv_angstrom) / self._dil_step_inv_angstrom)
+        table = s.T["solvent_fine"][which]
+        i0 = pos.long().clamp_(0, table.shape[1] - 2)
+        curve = self._lerp(table, i0, (pos - i0).clamp_(0.0, 1.0))
+        curve = curve / (curve @ s.T["dq"]).clamp(min=s.tiny)[:, None]
+        added = (ratio * s.particle)[:, None] * curve
+        return y + added, added if blank is None else blank + added
 
     def _capillary(self, y, blank, s: _Batch):
         c = self.config.capillary

@@ -243,7 +243,31 @@ def test_solvent_ratio_is_the_integral_ratio(pbs):
     assert torch.allclose(added, torch.full_like(added, 2.0), rtol=1e-3)
 
 
+def test_solvent_dilation_moves_its_peaks_and_keeps_the_ratio(pbs):
+    """A liquid we did not tabulate: toluene stretched along Q by k has its first peak at k times toluene's."""
+    x = batch_of(pbs, 2)
+    dq = torch.as_tensor(np.gradient(Q))
+    win = (Q > 0.8) & (Q < 3.0)
+    plain = augment.Augmenter(only(solvent={"names": ["toluene"], "ratio": 2.0}), Q)
+    same = augment.Augmenter(only(solvent={"names": ["toluene"], "ratio": 2.0, "dilation": 1.0}), Q)
+    torch.testing.assert_close(same(x, torch.Generator().manual_seed(0)), plain(x, torch.Generator().manual_seed(0)))
+    base = solvents.solvent_intensity("toluene", Q)
+    peak0 = Q[win][np.argmax(base[win])]
+    for k in (0.8, 1.5):
+        aug = augment.Augmenter(only(solvent={"names": ["toluene"], "ratio": 2.0, "dilation": k}), Q)
+        added = (aug(x, torch.Generator().manual_seed(0)) - x).double()
+        ratio = (added * dq).sum(1) / (x.double() * dq).sum(1)
+        assert torch.allclose(ratio, torch.full((2,), 2.0, dtype=torch.float64), rtol=1e-3)
+        curve = added[0].numpy()
+        assert Q[win][np.argmax(curve[win])] == pytest.approx(k * peak0, abs=0.015)
+    drawn = augment.Augmenter(only(solvent={"names": ["toluene"], "ratio": 1.0, "dilation": [0.7, 1.5]}), Q)
+    peaks = [Q[win][np.argmax((drawn(x[:1], torch.Generator().manual_seed(i)) - x[:1])[0].numpy()[win])]
+             for i in range(12)]
+    assert 0.7 * peak0 - 0.02 <= min(peaks) < max(peaks) <= 1.5 * peak0 + 0.02 and max(peaks) - min(peaks) > 0.2
+
+
 @pytest.mark.parametrize("d,field", [
+    ({"solvent": {"dilation": [0.0, 1.2]}}, "augment.solvent.dilation"),
     ({"counts": {"max_counts": -3}}, "augment.counts.max_counts = -3"),
     ({"counts": {"max_counts": [1e6, 1e2]}}, "augment.counts.max_counts"),
     ({"solvent": {"names": ["benzine"]}}, "augment.solvent.names = 'benzine'"),
