@@ -48,6 +48,19 @@ def train(
     typer.echo(f"run {result['run_id']} in {uri}; model {result['model_uri']}")
 
 
+LARGE_DOT_NM = 7.0  # above this the unknown instrument width moves the blind sizes most (size bias by fwhm0)
+
+
+def resolution_hint(rows: list[dict], predictor, told) -> str | None:
+    """A note when large dots were sized without the instrument resolution a model could have taken."""
+    large = [r for r in rows if r["mean_diameter_nm"] >= LARGE_DOT_NM]
+    if told is not None or not large or not predictor.takes_resolution:
+        return None
+    return (f"{len(large)} pattern(s) sized at {LARGE_DOT_NM:g} nm or more without the instrument resolution, "
+            "which limits large sizes most: measure a calibrant (`qdsize resolution FILE --standard LaB6`) and "
+            "pass --resolution")
+
+
 def resolution_warnings(predictor, told) -> list[str]:
     """What a user should know about the resolution they gave: ignored by an older model, or outside training."""
     if not predictor.takes_resolution:
@@ -243,6 +256,9 @@ def predict(
         rows = refine_rows(rows, [f for f, _, _ in inputs], x_unit=x_unit,
                            wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
     _emit(rows, fmt)
+    hint = resolution_hint(rows, predictor, told)
+    if hint:
+        typer.echo(f"qdsize: note: {hint}", err=True)
     if refine and rows and fmt == "table":
         emit_refined(rows, "table")
     if plot is not None and inputs:

@@ -238,6 +238,20 @@ def test_the_instrument_resolution_is_told_to_the_network_or_refused_by_name(sto
         assert r.returncode == 2 and field in r.stderr and "Traceback" not in r.stderr, (value, r.stderr)
 
 
+def test_large_dots_sized_blind_come_with_a_note_on_the_resolution():
+    from types import SimpleNamespace
+
+    from qdsize.platform.cli_ml import resolution_hint
+
+    rows = [{"mean_diameter_nm": 3.1}, {"mean_diameter_nm": 8.4}]
+    takes, old = SimpleNamespace(takes_resolution=True), SimpleNamespace(takes_resolution=False)
+    assert "1 pattern(s) sized at 7 nm or more" in resolution_hint(rows, takes, None)
+    assert "qdsize resolution" in resolution_hint(rows, takes, None)
+    assert resolution_hint(rows, takes, (0.02, 0.002, 0.0)) is None  # told
+    assert resolution_hint(rows[:1], takes, None) is None  # small dots only
+    assert resolution_hint(rows, old, None) is None  # a model that cannot take it
+
+
 def test_evaluate_scores_the_frozen_splits_with_and_without_their_resolution(store, tiny_dataset):
     r = qdsize("evaluate", "models:/qdsize-pbs@champion", tiny_dataset, env_home=store["home"], uri=store["uri"])
     assert r.returncode == 0, r.stderr
