@@ -65,13 +65,23 @@ class PhysicsCheck:
     stride: int = 2
 
     @classmethod
-    def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, dispersion_pct, stride: int = 2) -> "PhysicsCheck":
+    def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, dispersion_pct, stride: int = 2,
+              solvent_dilation: tuple[float, float] = (1.0, 1.0), n_dilations: int = 2) -> "PhysicsCheck":
+        """`solvent_dilation`: the range of k over which training stretched solvents, I(Q / k) (augment's
+        solvent.dilation); each solvent then also enters the background stretched at `n_dilations` values of k
+        across it (2: both ends; a free-sign mix of those and the tabulated curve spans the stretches between, and
+        more of them would explain the faint structure of noisy patterns away)."""
         from qdsize.sim import refine, solvents
 
         q = np.asarray(q_inv_angstrom, dtype=float)
         templates = pick_templates(patterns, np.asarray(mean_diameter_nm), np.asarray(dispersion_pct))
         # free-sign profiles besides the dots: the refinement's Legendre terms, every solvent and capillary
         background = refine.background_basis(q, 6, solvents.SOLVENTS, solvents.CAPILLARIES)[0]
+        lo, hi = (float(v) for v in solvent_dilation)
+        if hi > lo or lo != 1.0:  # liquids not tabulated, as training drew them: stretched solvents
+            ks = sorted({round(float(k), 6) for k in np.geomspace(lo, hi, n_dilations)} - {1.0})
+            stretched = [solvents.solvent_intensity(nm, q / k) for nm in solvents.SOLVENTS for k in ks]
+            background = np.concatenate([background, [c / c.mean() for c in stretched]])
         return cls(q, miscalibrated(templates, q), background, stride=stride)
 
     def evidence(self, intensity: np.ndarray, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -279,11 +279,14 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
 
 
 def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: np.ndarray,
-                      n_clean: int = 4000, n_val: int = 1500) -> ood.PhysicsCheck:
+                      n_clean: int = 4000, n_val: int = 1500,
+                      solvent_dilation: tuple[float, float] = (1.0, 1.0)) -> ood.PhysicsCheck:
     """The material check that travels with the model: templates from clean training patterns, thresholds from
-    the augmented validation patterns the network was calibrated on."""
+    the augmented validation patterns the network was calibrated on (whose solvents were stretched over
+    `solvent_dilation`: the check's background spans them too)."""
     clean, lab = data.read_split(dataset, "train", limit=n_clean)
-    check = ood.PhysicsCheck.build(q, clean, lab["mean_diameter_nm"], lab["size_dispersion_pct"])
+    check = ood.PhysicsCheck.build(q, clean, lab["mean_diameter_nm"], lab["size_dispersion_pct"],
+                                   solvent_dilation=solvent_dilation)
     check.fit_threshold(x_val[:n_val], mask_val[:n_val])
     return check
 
@@ -475,7 +478,10 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         # ---- calibration on validation, then the frozen splits
         cal = calibrate(model, xv_t, mask_v, yv, res_v)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
-        physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy())
+        from qdsize.sim import augment as sim_augment
+
+        dilation = sim_augment.config_from(_augment_at(cfg, cfg.augment_strength)).solvent.dilation
+        physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy(), solvent_dilation=dilation)
         scores, preds = frozen_split_scores(model, frozen, device, edges, instrument)
         if held or cfg.holdout.solvents:
             shifted = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed)
