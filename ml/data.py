@@ -109,6 +109,15 @@ def resolution_range(augment_cfg: dict) -> dict[str, list[float]]:
     return out
 
 
+def solvent_dilation(augment_cfg: dict) -> tuple[float, float]:
+    """[low, high] of the stretch k an augmentation config gives its solvents, I(Q / k); (1, 1) when none."""
+    if augment_cfg.get("preset") == "none":
+        return (1.0, 1.0)
+    from qdsize.sim import augment
+
+    return tuple(augment.config_from(augment_cfg).solvent.dilation)
+
+
 def instrument_of(dataset_dir: str | Path) -> np.ndarray | None:
     """The resolution (RESOLUTION_KEYS) every pattern of the dataset's frozen splits was given, when their
     augmentation preset fixes it (the `realistic` preset does); None when it varies or is unknown."""

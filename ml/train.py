@@ -369,7 +369,8 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
     cfg.model.size_edges_nm, cfg.model.dispersion_edges_pct = list(edges[0]), list(edges[1])
     held = {"shape": list(cfg.holdout.shapes)} if cfg.holdout.shapes else None  # a shifted split, if asked
     cfg.augment = without_solvents(cfg.augment, list(cfg.holdout.solvents))
-    augmenter = make_augmenter(_augment_at(cfg, cfg.augment_strength), q)
+    final_augment = _augment_at(cfg, cfg.augment_strength)  # where the warm-up ends: validation, card, check
+    augmenter = make_augmenter(final_augment, q)
     train_stream = data.ShardStream(dataset, "train", cfg.batch_size, seed=cfg.seed, augment=augmenter,
                                     truncation=cfg.truncation, device=device, limit=cfg.max_train_rows,
                                     exclude=held, resolution_known=cfg.resolution_known)
@@ -478,10 +479,8 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         # ---- calibration on validation, then the frozen splits
         cal = calibrate(model, xv_t, mask_v, yv, res_v)
         mlflow.log_metrics({f"calibration_{k}": v for k, v in cal.items()})
-        from qdsize.sim import augment as sim_augment
-
-        dilation = sim_augment.config_from(_augment_at(cfg, cfg.augment_strength)).solvent.dilation
-        physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy(), solvent_dilation=dilation)
+        physics = fit_physics_check(dataset, q, xv_t.cpu().numpy(), mask_v.cpu().numpy(),
+                                    solvent_dilation=data.solvent_dilation(final_augment))
         scores, preds = frozen_split_scores(model, frozen, device, edges, instrument)
         if held or cfg.holdout.solvents:
             shifted = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed)
@@ -498,7 +497,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
 
             model = model.cpu()
             card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict(),
-                    "resolution_trained": data.resolution_range(_augment_at(cfg, cfg.augment_strength))}
+                    "resolution_trained": data.resolution_range(final_augment)}
             model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card, physics=physics),
                                    xv[:2])
             mlflow.set_tag("qdsize.model_uri", model_uri)

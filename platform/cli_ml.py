@@ -12,6 +12,12 @@ from qdsize.platform.cli import app
 from qdsize.sim.errors import InputError
 
 
+# options of every command that reads measured files
+X_UNIT = typer.Option(None, "--x-unit", help="q_A (1/A), q_nm (1/nm) or 2theta (degrees).")
+WAVELENGTH = typer.Option(None, "--wavelength-angstrom", "--wavelength", help="Wavelength for 2-theta data (A).")
+ENERGY = typer.Option(None, "--energy-kev", help="Photon energy for 2-theta data (keV).")
+
+
 def load_train_config(path: Path, overrides: list[str]):
     from qdsize.ml.train import TrainFile
     from qdsize.platform import config as conf
@@ -204,10 +210,9 @@ def predict(
     files: list[Path] = typer.Argument(..., help="Measured patterns (.xy .xye .dat .chi .csv ...)."),
     model: Optional[str] = typer.Option(None, "--model", help="Model URI or folder (default: champion, then "
                                         "the released model)."),
-    x_unit: Optional[str] = typer.Option(None, "--x-unit", help="q_A (1/A), q_nm (1/nm) or 2theta (degrees)."),
-    wavelength_angstrom: Optional[float] = typer.Option(None, "--wavelength-angstrom", "--wavelength",
-                                                        help="Wavelength for 2-theta data (A)."),
-    energy_kev: Optional[float] = typer.Option(None, "--energy-kev", help="Photon energy for 2-theta data (keV)."),
+    x_unit: Optional[str] = X_UNIT,
+    wavelength_angstrom: Optional[float] = WAVELENGTH,
+    energy_kev: Optional[float] = ENERGY,
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
@@ -280,10 +285,9 @@ def predict(
 def resolution(
     file: Path = typer.Argument(..., help="Pattern of a line-position standard measured like the samples."),
     standard: str = typer.Option(..., "--standard", help="Si, LaB6 or CeO2 (NIST SRM 640f, 660c, 674b)."),
-    x_unit: Optional[str] = typer.Option(None, "--x-unit", help="q_A (1/A), q_nm (1/nm) or 2theta (degrees)."),
-    wavelength_angstrom: Optional[float] = typer.Option(None, "--wavelength-angstrom", "--wavelength",
-                                                        help="Wavelength for 2-theta data (A)."),
-    energy_kev: Optional[float] = typer.Option(None, "--energy-kev", help="Photon energy for 2-theta data (keV)."),
+    x_unit: Optional[str] = X_UNIT,
+    wavelength_angstrom: Optional[float] = WAVELENGTH,
+    energy_kev: Optional[float] = ENERGY,
     fmt: str = typer.Option("table", "--format", help="table or json."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the line widths and the fitted law."),
 ):

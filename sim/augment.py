@@ -644,30 +644,32 @@ class Augmenter:
         atoms = (s.x @ s.T["compton_weight"]).clamp(min=0.0)
         return torch.addcmul(y, (frac * atoms)[:, None], s.T["compton"]), blank
 
-    def _blank_term(self, y, blank, s: _Batch, c, n_kinds: int, table: str):
-        """Add one of `n_kinds` tabulated blanks (solvents or capillaries) at a ratio to the particle signal."""
+    def _blank_term(self, y, blank, s: _Batch, c, n_kinds: int, table: str, rows=None):
+        """Add one of `n_kinds` tabulated blanks (solvents or capillaries) at a ratio to the particle signal;
+        `rows(which)`, when given, makes each sample's unit-integral curve instead of the table's."""
         on = self._gate(s, c.probability)
         which = self._pick(s, n_kinds)
         ratio = self._strength(s, c.ratio) * on
-        added = self._mix(which, ratio * s.particle, s.T[table])
+        if rows is None:
+            added = self._mix(which, ratio * s.particle, s.T[table])
+        else:
+            added = (ratio * s.particle)[:, None] * rows(which)
         return y + added, added if blank is None else blank + added
 
-    def _solvent(self, y, blank, s: _Batch):
-        c = self.config.solvent
-        if "solvent_fine" not in s.T:
-            return self._blank_term(y, blank, s, c, len(c.names), "solvent")
-        on = self._gate(s, c.probability)
-        which = self._pick(s, len(c.names))
-        ratio = self._strength(s, c.ratio) * on
-        k = self._strength(s, c.dilation, log=True)
-        # I(Q / k) read off the fine table, then normalised to unit integral over the grid like the tabulated ones
-        pos = ((s.T["q"][None, :] / k[:, None] - self._dil0_inv_angstrom) / self._dil_step_inv_angstrom)
+    def _stretched_solvents(self, which, s: _Batch):
+        """Each sample's solvent stretched along Q, I(Q / k), read off the fine table and normalised to unit
+        integral over the grid like the tabulated ones."""
+        k = self._strength(s, self.config.solvent.dilation, log=True)
+        pos = (s.T["q"][None, :] / k[:, None] - self._dil0_inv_angstrom) / self._dil_step_inv_angstrom
         table = s.T["solvent_fine"][which]
         i0 = pos.long().clamp_(0, table.shape[1] - 2)
         curve = self._lerp(table, i0, (pos - i0).clamp_(0.0, 1.0))
-        curve = curve / (curve @ s.T["dq"]).clamp(min=s.tiny)[:, None]
-        added = (ratio * s.particle)[:, None] * curve
-        return y + added, added if blank is None else blank + added
+        return curve / (curve @ s.T["dq"]).clamp(min=s.tiny)[:, None]
+
+    def _solvent(self, y, blank, s: _Batch):
+        c = self.config.solvent
+        rows = (lambda which: self._stretched_solvents(which, s)) if "solvent_fine" in s.T else None
+        return self._blank_term(y, blank, s, c, len(c.names), "solvent", rows)
 
     def _capillary(self, y, blank, s: _Batch):
         c = self.config.capillary

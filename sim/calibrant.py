@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import least_squares
+from scipy.optimize import least_squares, nnls
 
 from .errors import InputError
 
@@ -123,8 +123,6 @@ def _fit_line(q, y, centre, half_window, step):
 def fit_resolution(q_inv_angstrom, intensity, standard: str, *, name: str = "pattern") -> ResolutionFit:
     """Fit every separable line of the standard with a pseudo-Voigt on a linear background, then the width law
     FWHM^2 = fwhm0^2 + (fwhm_relative Q)^2 (non-negative least squares) and the Q-axis error (positions)."""
-    from scipy.optimize import nnls
-
     standard = check_standard(standard)
     q = np.asarray(q_inv_angstrom, dtype=float)
     y = np.asarray(intensity, dtype=float)
