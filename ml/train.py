@@ -118,7 +118,8 @@ def make_augmenter(augment_cfg: dict, q_inv_angstrom: np.ndarray):
 
 def warmed_augment(augment_cfg: dict, anchor: str, strength: float) -> dict:
     """The augmentation config at `strength` in [0, 1]: every range and probability moved from the anchor preset's
-    value toward the full configured one (ranges spanning two decades or more move in log space)."""
+    value toward the full configured one (ranges drawn log-uniformly, or spanning two decades or more, move in log
+    space: the anchor stays their geometric centre when the full range is)."""
     from qdsize.sim import augment
 
     full = augment.config_from(augment_cfg).to_dict()
@@ -136,7 +137,7 @@ def warmed_augment(augment_cfg: dict, anchor: str, strength: float) -> dict:
                 continue
             lo, hi = float(v[0]), float(v[1])
             c = float(np.clip(np.mean(av), lo, hi))
-            if lo > 0 and hi >= 100 * lo:
+            if lo > 0 and (hi >= 100 * lo or augment.log_range(name, key, (lo, hi))):
                 o[key] = [float(np.exp(np.log(c) + strength * np.log(b / c))) for b in (lo, hi)]
             else:
                 o[key] = [c + strength * (b - c) for b in (lo, hi)]

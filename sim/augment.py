@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +37,14 @@ def _rng(lo, hi, *, bounds=(None, None), log=False, unit="", integer=False):
 
 def _num(lo, *, bounds=(None, None), unit="", integer=False):
     return field(default=lo, metadata={"bounds": bounds, "unit": unit, "integer": integer})
+
+
+def log_range(section: str, key: str, lo_hi) -> bool:
+    """Whether a [lo, hi] range is drawn log-uniformly: fields marked so, and the constant instrument width fwhm0
+    when it starts above 0 (a width is a scale; from 0 it is drawn uniformly)."""
+    meta = {f.name: f.metadata for f in fields(SECTIONS[section])}.get(key, {})
+    lo = float(np.min(lo_hi))
+    return bool(meta.get("log")) or ((section, key) == ("resolution", "fwhm0_inv_angstrom") and lo > 0)
 
 
 @dataclass
@@ -72,7 +80,8 @@ class CapillaryConfig:
 @dataclass
 class ResolutionConfig:
     """Instrumental broadening, pseudo-Voigt with FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) (Caglioti-like in Q);
-    lorentz_fraction is the pseudo-Voigt eta (0 = Gaussian, 1 = Lorentzian of the same FWHM)."""
+    lorentz_fraction is the pseudo-Voigt eta (0 = Gaussian, 1 = Lorentzian of the same FWHM). fwhm0 is a scale, drawn
+    log-uniformly (each factor of two as likely) when its range starts above 0, uniformly from 0."""
     enabled: bool = True
     probability: float = _num(1.0, bounds=(0, 1))
     fwhm0_inv_angstrom: tuple = _rng(0.0, 0.04, bounds=(0, 0.5), unit="1/A")
@@ -678,7 +687,8 @@ class Augmenter:
     def _resolution(self, y, blank, s: _Batch):
         c = self.config.resolution
         on = self._gate(s, c.probability)
-        fwhm0 = self._strength(s, c.fwhm0_inv_angstrom) * on
+        fwhm0 = self._strength(s, c.fwhm0_inv_angstrom, log=log_range("resolution", "fwhm0_inv_angstrom",
+                                                                     c.fwhm0_inv_angstrom)) * on
         rel = self._strength(s, c.fwhm_relative) * on
         eta = self._strength(s, c.lorentz_fraction)
         active = (fwhm0 > 0) | (rel > 0)

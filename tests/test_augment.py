@@ -314,3 +314,19 @@ def test_drawn_resolution_is_what_was_applied(pbs):
     one = augment.from_config(only(resolution={"probability": 1.0, "fwhm0_inv_angstrom": f0, "fwhm_relative": rel,
                                                "lorentz_fraction": eta}), Q)(x[:1])
     torch.testing.assert_close(one[0], y[i], rtol=1e-4, atol=1e-3)
+
+
+def test_instrument_width_is_drawn_log_uniformly_above_zero_and_uniformly_from_zero(pbs):
+    """A width is a scale: from 0.005 to 0.05 1/A every factor is as likely (median at the geometric mean); a range
+    that starts at 0 is drawn uniformly (median at the middle)."""
+    x = batch_of(pbs, 2048)
+    for lo, hi, median in ((0.005, 0.05, (0.005 * 0.05) ** 0.5), (0.0, 0.05, 0.025)):
+        cfg = only(resolution={"probability": 1.0, "fwhm0_inv_angstrom": [lo, hi], "fwhm_relative": 0.0})
+        drawn: dict = {}
+        augment.from_config(cfg, Q)(x, torch.Generator().manual_seed(1), drawn=drawn)
+        w = drawn["resolution"][:, 0].double()
+        assert ((w >= lo) & (w <= hi)).all()
+        assert float(w.median()) == pytest.approx(median, rel=0.12)
+    assert augment.log_range("resolution", "fwhm0_inv_angstrom", (0.005, 0.05))
+    assert not augment.log_range("resolution", "fwhm0_inv_angstrom", (0.0, 0.05))
+    assert augment.log_range("counts", "max_counts", (1e2, 1e6)) and not augment.log_range("solvent", "ratio", (1, 2))
