@@ -231,7 +231,7 @@ def test_the_instrument_resolution_is_told_to_the_network_or_refused_by_name(sto
     b, t = json.loads(blind.stdout)[0], json.loads(told.stdout)[0]
     assert b["resolution_given"] is None and t["resolution_given"] == [0.02, 0.002, 0.0]
     assert t["mean_diameter_nm"] != b["mean_diameter_nm"]
-    wide = qdsize("predict", good, "--resolution", "0.2,0.002,0.1", env_home=store["home"], uri=store["uri"])
+    wide = qdsize("predict", good, "--resolution", "0.3,0.002,0.1", env_home=store["home"], uri=store["uri"])
     assert wide.returncode == 0 and "outside what the model was trained on" in wide.stderr
     for value, field in (("0.02,abc", "resolution"), ("0.02,-0.002", "fwhm_relative"), ("0.02,0.002,2", "lorentz")):
         r = qdsize("predict", good, "--resolution", value, env_home=store["home"], uri=store["uri"])
