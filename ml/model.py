@@ -144,6 +144,9 @@ class QDNet(nn.Module):
         self.register_buffer("dispersion_temperature", torch.ones(()))
         self.register_buffer("mean_diameter_var_scale", torch.ones(()))
         self.register_buffer("dispersion_var_scale", torch.ones(()))
+        # calibrated variance = var_scale x (predicted variance) ^ var_power (models saved before: power 1)
+        self.register_buffer("mean_diameter_var_power", torch.ones(()))
+        self.register_buffer("dispersion_var_power", torch.ones(()))
         # out-of-distribution reference: pooled features of held-out training-like data (Mahalanobis)
         self.register_buffer("ood_mean", torch.zeros(cin))
         self.register_buffer("ood_precision", torch.eye(cin))
@@ -183,9 +186,11 @@ class QDNet(nn.Module):
         out = {"size_logits": self.size_head(pooled) / self.size_temperature,
                "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
                "mean_diameter": reg[:, 0],
-               "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) + torch.log(self.mean_diameter_var_scale),
+               "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) * self.mean_diameter_var_power
+               + torch.log(self.mean_diameter_var_scale),
                "dispersion": reg[:, 2],
-               "dispersion_logvar": reg[:, 3].clamp(-12, 6) + torch.log(self.dispersion_var_scale),
+               "dispersion_logvar": reg[:, 3].clamp(-12, 6) * self.dispersion_var_power
+               + torch.log(self.dispersion_var_scale),
                "ood_score": self.ood_score(pooled)}
         for head, key, edges in (("size", "mean_diameter", self.config.size_edges_nm),
                                  ("dispersion", "dispersion", self.config.dispersion_edges_pct)):

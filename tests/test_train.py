@@ -1,6 +1,7 @@
 """Training end to end on a small simulated dataset: accuracy well above chance, MLflow contents, determinism."""
 
 import json
+import math
 
 import mlflow
 import numpy as np
@@ -213,3 +214,16 @@ def test_scores_with_and_without_the_resolution_told_and_the_card_says_what_was_
     with pytest.raises(InputError, match="train.resolution_known"):
         _cfg(tiny_dataset, resolution_known=0.5, model={"resolution_input": False})
 
+
+def test_variance_calibration_recovers_a_power_law_miscalibration():
+    """Errors drawn with variance 0.5 v^1.3 from predicted variances v: the fit gives back (1.3, 0.5); errors drawn
+    with v itself give (1, 1)."""
+    from qdsize.ml.train import fit_variance
+
+    g = torch.Generator().manual_seed(0)
+    logvar = torch.rand(200_000, generator=g) * 6 - 5
+    noise = torch.randn(200_000, generator=g)
+    power, scale = fit_variance(noise * torch.exp(0.5 * (1.3 * logvar + math.log(0.5))), logvar)
+    assert power == pytest.approx(1.3, abs=0.02) and scale == pytest.approx(0.5, rel=0.05)
+    power, scale = fit_variance(noise * torch.exp(0.5 * logvar), logvar)
+    assert power == pytest.approx(1.0, abs=0.02) and scale == pytest.approx(1.0, rel=0.05)
