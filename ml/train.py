@@ -260,6 +260,7 @@ def fit_variance(err: torch.Tensor, logvar: torch.Tensor) -> tuple[float, float]
     return float(powers[best]), float(torch.exp(log_a[best]))
 
 
+@torch.no_grad()
 def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Tensor | None = None) -> dict[str, float]:
     """Temperature-scale both class heads and recalibrate both predicted variances on held-out data.
 
