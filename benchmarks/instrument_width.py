@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
-REPO = Path(__file__).resolve().parents[1]
 LARGE_NM = 8.0  # the bias is shown for dots this large and larger, where the width matters most
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="model URIs or folders (models:/..., runs:/..., a qdsize_model folder)")
-    ap.add_argument("--dataset", default=os.path.join(os.environ.get("QDSIZE_HOME", REPO / ".qdsize"), "datasets",
-                                                      "pbs"))
+    ap.add_argument("--dataset", default="${QDSIZE_HOME}/datasets/pbs", help="dataset folder (default: the default "
+                    "dataset of conf/dataset/pbs.yaml; QDSIZE_HOME defaults to ./.qdsize)")
     ap.add_argument("--rows", type=int, default=3000, help="test patterns scored per width")
     ap.add_argument("--widths", default="0,0.01,0.02,0.03,0.04,0.06,0.08", help="fwhm0 values in 1/A")
     ap.add_argument("--threads", type=int, default=2)
@@ -40,12 +37,14 @@ def main() -> None:
     from qdsize.ml import data
     from qdsize.ml import evaluate as ev
     from qdsize.ml import predict as pr
+    from qdsize.ml.train import resolve_dataset
     from qdsize.sim import augment
 
     torch.set_num_threads(args.threads)
     widths = [float(w) for w in args.widths.split(",")]
-    x, lab = data.read_split(args.dataset, "test", limit=args.rows)
-    q = data.q_grid(args.dataset)
+    dataset = resolve_dataset(args.dataset)
+    x, lab = data.read_split(dataset, "test", limit=args.rows)
+    q = data.q_grid(dataset)
     truth = lab["mean_diameter_nm"]
     large = truth >= LARGE_NM
     base = augment.config_from({"preset": "realistic"}).to_dict()
@@ -64,6 +63,7 @@ def main() -> None:
         for col in ("fwhm0 1/A", "blind MAE nm", "blind within 0.25", f"blind bias >= {LARGE_NM:g} nm",
                     "told MAE nm", "told within 0.25", f"told bias >= {LARGE_NM:g} nm"):
             table.add_column(col, justify="right")
+
         def scores(w, resolution):
             err = ev.predict_arrays(model.model, patterns[w].numpy(), resolution=resolution)["mean_diameter"] - truth
             return [f"{np.abs(err).mean():.3f}", f"{np.mean(np.abs(err) < 0.25):.3f}", f"{err[large].mean():+.3f}"]

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,21 +30,14 @@ Q_CELLS_PER_U_CELL = 1.5
 
 
 def _rng(lo, hi, *, bounds=(None, None), log=False, unit="", integer=False):
-    """Field metadata of a [lo, hi] strength range: physical bounds, log-uniform sampling, unit for messages."""
+    """Field metadata of a [lo, hi] strength range: physical bounds, log-uniform sampling (True: always, and the
+    range must be positive; "above_zero": when the range starts above 0, else uniform), unit for messages."""
     return field(default=(lo, hi), metadata={"range": True, "bounds": bounds, "log": log, "unit": unit,
                                              "integer": integer})
 
 
 def _num(lo, *, bounds=(None, None), unit="", integer=False):
     return field(default=lo, metadata={"bounds": bounds, "unit": unit, "integer": integer})
-
-
-def log_range(section: str, key: str, lo_hi) -> bool:
-    """Whether a [lo, hi] range is drawn log-uniformly: fields marked so, and the constant instrument width fwhm0
-    when it starts above 0 (a width is a scale; from 0 it is drawn uniformly)."""
-    meta = {f.name: f.metadata for f in fields(SECTIONS[section])}.get(key, {})
-    lo = float(np.min(lo_hi))
-    return bool(meta.get("log")) or ((section, key) == ("resolution", "fwhm0_inv_angstrom") and lo > 0)
 
 
 @dataclass
@@ -84,7 +77,7 @@ class ResolutionConfig:
     log-uniformly (each factor of two as likely) when its range starts above 0, uniformly from 0."""
     enabled: bool = True
     probability: float = _num(1.0, bounds=(0, 1))
-    fwhm0_inv_angstrom: tuple = _rng(0.0, 0.04, bounds=(0, 0.5), unit="1/A")
+    fwhm0_inv_angstrom: tuple = _rng(0.0, 0.04, bounds=(0, 0.5), log="above_zero", unit="1/A")
     fwhm_relative: tuple = _rng(0.0, 0.005, bounds=(0, 0.05), unit="(Delta Q / Q)")
     lorentz_fraction: tuple = _rng(0.0, 0.0, bounds=(0, 1), unit="(pseudo-Voigt eta: 0 = Gaussian, 1 = Lorentzian)")
 
@@ -144,6 +137,13 @@ class GapsConfig:
 SECTIONS = {"compton": ComptonConfig, "solvent": SolventConfig, "capillary": CapillaryConfig,
             "resolution": ResolutionConfig, "calibration": CalibrationConfig, "background": BackgroundConfig,
             "subtraction": SubtractionConfig, "counts": CountsConfig, "scale": ScaleConfig, "gaps": GapsConfig}
+_META = {name: {f.name: f.metadata for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+
+def log_range(section: str, key: str, lo_hi) -> bool:
+    """Whether a [lo, hi] range of a field is drawn log-uniformly (its `_rng(log=...)`)."""
+    log = _META[section].get(key, {}).get("log")
+    return log is True or (log == "above_zero" and float(lo_hi[0]) > 0)
 
 
 def _number(name, v, meta):
@@ -195,7 +195,7 @@ def _parse_section(cls, d, prefix):
             lo, hi = (_number(fname, p, meta) for p in pair)
             if lo > hi:
                 raise bad(fname, v, "a range [low, high] with low <= high")
-            if meta.get("log") and lo <= 0:
+            if meta.get("log") is True and lo <= 0:
                 raise bad(fname, v, "positive values (sampled log-uniformly)")
             kw[name] = (lo, hi)
         elif name in ("names", "materials"):
@@ -687,8 +687,8 @@ class Augmenter:
     def _resolution(self, y, blank, s: _Batch):
         c = self.config.resolution
         on = self._gate(s, c.probability)
-        fwhm0 = self._strength(s, c.fwhm0_inv_angstrom, log=log_range("resolution", "fwhm0_inv_angstrom",
-                                                                     c.fwhm0_inv_angstrom)) * on
+        log0 = log_range("resolution", "fwhm0_inv_angstrom", c.fwhm0_inv_angstrom)
+        fwhm0 = self._strength(s, c.fwhm0_inv_angstrom, log=log0) * on
         rel = self._strength(s, c.fwhm_relative) * on
         eta = self._strength(s, c.lorentz_fraction)
         active = (fwhm0 > 0) | (rel > 0)
