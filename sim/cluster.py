@@ -91,6 +91,20 @@ def gauge(shape: str, xyz: np.ndarray, facet_ratio: float | None = None) -> np.n
     return np.maximum(g100, ax.sum(axis=1) / (SQRT3 * rho))
 
 
+def _half_extent_per_diameter(shape: str, facet_ratio: float | None = None) -> float:
+    """Largest |x|, |y| or |z| of a shape per unit equal-volume diameter (the cube of candidate sites must hold it):
+    0.5 for a sphere, 0.40 for a cube, 0.73 for an octahedron. The volume at unit gauge is counted on a grid."""
+    if shape == "sphere":
+        return 0.5
+    n = 96
+    u = (np.arange(n) + 0.5) / n * 2.0 - 1.0  # midpoints of [-1, 1]; every shape at gauge 1 lies inside (g100 <= 1)
+    xyz = np.stack(np.meshgrid(u, u, u, indexing="ij"), -1).reshape(-1, 3)
+    volume = 8.0 * np.mean(gauge(shape, xyz, facet_ratio) <= 1.0)
+    rho = FACET_RATIO.get(shape, facet_ratio)
+    axis = min(1.0, SQRT3 * rho)  # where the x axis leaves the shape at gauge 1
+    return axis / np.cbrt(6.0 * volume / np.pi)
+
+
 def _candidates(crystal: Crystal, centre_cart: np.ndarray, half_width: float):
     """Lattice sites within a cube of half-width around the centre, with their grid coordinates."""
     lat = crystal.lattice_angstrom
@@ -196,7 +210,8 @@ def cut_ladder(crystal: Crystal, shape: str, diameters_nm, *, surface: str = "as
     _check_common(shape, surface, anion_removal)
     rng = np.random.default_rng(seed)
     centre_cart = _centre(crystal, centre, rng)
-    half = 0.55 * d.max() * 10.0 + 2.0 * np.abs(crystal.lattice_angstrom).max()
+    extent = 1.05 * _half_extent_per_diameter(shape, facet_ratio)  # 5 % over the grid-counted volume's error
+    half = max(0.55, extent) * d.max() * 10.0 + 2.0 * np.abs(crystal.lattice_angstrom).max()
     xyz, site, grid, div = _candidates(crystal, centre_cart, half)
     rel = xyz - centre_cart
     g = gauge(shape, rel, facet_ratio)

@@ -150,10 +150,21 @@ def test_equal_volume_diameter_uses_the_bulk_volume_per_atom():
     c = cluster.cut(crystal.pbs(), "cube", 5.0)
     v = crystal.PBS_A_ANGSTROM**3 / 8
     assert c.diameter_nm == pytest.approx((6 * c.n_atoms * v / np.pi) ** (1 / 3) / 10, rel=1e-12)
-    for shape in ("sphere", "cube", "cuboctahedron", "truncated_octahedron"):
+    for shape in ("sphere", "cube", "cuboctahedron", "truncated_octahedron", "octahedron"):
         # atom-centred cubes grow by whole pairs of planes (5.5 -> 6.3 nm): the tolerance is half that step
         tol = 0.4 if shape == "cube" else 0.15
         assert abs(cluster.cut(crystal.pbs(), shape, 6.0).diameter_nm - 6.0) < tol, shape
+
+
+def test_octahedra_are_cut_whole_at_every_size():
+    # an octahedron's vertices lie 0.73 equal-volume diameters from its centre, beyond the 0.55 a sphere needs
+    assert cluster._half_extent_per_diameter("octahedron") == pytest.approx((np.pi / 8) ** (1 / 3), rel=0.01)
+    assert cluster._half_extent_per_diameter("cube") == pytest.approx((np.pi / 6) ** (1 / 3) / 2, rel=0.01)
+    ladder = cluster.cut_ladder(crystal.pbs(), "octahedron", [3.0, 8.0, 12.0], centre="random", seed=1)
+    assert [round(c.diameter_nm) for c in ladder] == [3, 8, 12]
+    for c in ladder:  # whole: the farthest atom is the vertex, |x| + |y| + |z| is the gauge
+        r = np.abs(c.positions_angstrom).sum(axis=1).max()
+        assert r == pytest.approx(c.info["gauge_angstrom"], abs=crystal.PBS_A_ANGSTROM)
 
 
 def test_surfaces_change_composition_as_named():
