@@ -270,6 +270,9 @@ class VariantsConfig:
     material: str = "pbs"
     a_angstrom: float = 5.936
     shapes: list[str] = field(default_factory=lambda: ["sphere", "cuboctahedron", "truncated_octahedron", "cube"])
+    # more shapes for the train and val splits only: the frozen splits and test keep to `shapes`
+    training_shapes: list[str] = field(default_factory=lambda: ["octahedron", "polyhedron:0.7", "polyhedron:1.0",
+                                                                "polyhedron:1.5"])
     surfaces: list[str] = field(default_factory=lambda: ["stoichiometric", "cation_rich"])
     anion_removal: float = 0.5
     centre: str = "random"
@@ -283,11 +286,21 @@ class VariantsConfig:
         if not 1.0 < self.a_angstrom < 20.0:
             raise bad(_sub(path, "a_angstrom"), self.a_angstrom, "a lattice parameter between 1 and 20 Angstrom")
         shapes = [s for s in cluster.SHAPES if s != "polyhedron"]
-        for i, s in enumerate(self.shapes):
-            if s not in shapes:
-                raise bad(f"{_sub(path, 'shapes')}[{i}]", s, f"one of {shapes}")
+        for key, listed in (("shapes", self.shapes), ("training_shapes", self.training_shapes)):
+            for i, s in enumerate(listed):
+                try:
+                    name, rho = cluster.parse_shape(s)
+                except InputError:
+                    name, rho = s, None
+                polyhedron = name == "polyhedron" and rho is not None and rho >= 1 / math.sqrt(3) - 1e-12
+                if name not in shapes and not polyhedron:
+                    raise bad(f"{_sub(path, key)}[{i}]", s,
+                              f"one of {shapes}, or polyhedron:RHO with the facet ratio d111/d100 RHO >= 0.577")
         if not self.shapes or len(set(self.shapes)) != len(self.shapes):
             raise bad(_sub(path, "shapes"), self.shapes, "a non-empty list of distinct shapes")
+        if len(set(self.training_shapes)) != len(self.training_shapes) or set(self.training_shapes) & set(self.shapes):
+            raise bad(_sub(path, "training_shapes"), self.training_shapes,
+                      "distinct shapes that are not already in `shapes` (which every split has)")
         for i, s in enumerate(self.surfaces):
             if s not in cluster.SURFACES:
                 raise bad(f"{_sub(path, 'surfaces')}[{i}]", s, f"one of {list(cluster.SURFACES)}")

@@ -47,11 +47,15 @@ def plan_shards(cfg: cfgmod.DatasetConfig) -> list[dict]:
     return shards
 
 
+TRAINING_SPLITS = ("train", "val")  # the splits that also draw `variants.training_shapes`
+
+
 def family_specs(cfg: cfgmod.DatasetConfig) -> list[dict]:
-    """One spec per structure variant (material, shape, surface, centring seed) with its size ladder."""
+    """One spec per structure variant (material, shape, surface, centring seed) with its size ladder: those of
+    `variants.shapes` first (every split), then those of `variants.training_shapes` (train and val only)."""
     v, lad = cfg.variants, cfg.ladder
     out = []
-    for shape in v.shapes:
+    for shape in [*v.shapes, *v.training_shapes]:
         for surface in v.surfaces:
             for seed in v.centre_seeds:
                 out.append({"format": FAMILY_FORMAT, "material": v.material.lower(), "a_angstrom": v.a_angstrom,
@@ -63,6 +67,14 @@ def family_specs(cfg: cfgmod.DatasetConfig) -> list[dict]:
     # identical specs (e.g. several seeds with centre = atom) build one family
     uniq = {cfgmod.content_hash(s): s for s in out}
     return [dict(s, family_id=k) for k, s in uniq.items()]
+
+
+def families_of_split(specs: list[dict], cfg: cfgmod.DatasetConfig, split: str) -> int:
+    """How many of the leading `specs` a split draws from: all in train and val, those of `variants.shapes` else
+    (so that adding training shapes leaves the frozen splits and test as they were)."""
+    if split in TRAINING_SPLITS:
+        return len(specs)
+    return sum(s["shape"] in cfg.variants.shapes for s in specs)
 
 
 @dataclass(frozen=True)
@@ -455,7 +467,7 @@ def compose_shard(cfg: cfgmod.DatasetConfig, shard: dict, families: list[dict], 
 
 
 def _compose_shard(cfg, shard, families, specs, q, rules):
-    d = draw_samples(cfg, shard, len(families))
+    d = draw_samples(cfg, shard, families_of_split(specs, cfg, shard["split"]))
     n = shard["rows"]
     species = cfg.species
     energies = tuple(cfg.nuisance.energies_kev)

@@ -16,6 +16,9 @@ SQRT3 = np.sqrt(3.0)
 FACET_RATIO = {"cube": np.inf, "cuboctahedron": 2.0 / SQRT3, "truncated_octahedron": SQRT3 / 2.0,
                "octahedron": 1.0 / SQRT3}
 SHAPES = ("sphere", "cube", "cuboctahedron", "truncated_octahedron", "octahedron", "polyhedron")
+# A polyhedron of any truncation can be named with its facet ratio, "polyhedron:0.7" (see `parse_shape`): the
+# rock-salt Wulff shapes run from the octahedron (0.577) through the truncated octahedron (0.866) and the
+# cuboctahedron (1.155) to the cube (infinite).
 SURFACES = ("as_cut", "stoichiometric", "cation_rich")
 CENTRES = ("atom", "random")
 
@@ -75,8 +78,23 @@ def atoms_for_diameter(diameter_nm: float, volume_per_atom_angstrom3: float) -> 
     return float(np.pi * (diameter_nm * 10.0) ** 3 / 6.0 / volume_per_atom_angstrom3)
 
 
+def parse_shape(shape: str, facet_ratio: float | None = None) -> tuple[str, float | None]:
+    """(shape, facet_ratio) of a shape name; "polyhedron:RHO" names a polyhedron with d111/d100 = RHO."""
+    if isinstance(shape, str) and shape.startswith("polyhedron:"):
+        text = shape.split(":", 1)[1]
+        try:
+            rho = float(text)
+        except ValueError:
+            raise bad("shape", shape, "polyhedron:RHO with RHO = d111/d100 a number >= 0.577") from None
+        if facet_ratio is not None and facet_ratio != rho:
+            raise bad("facet_ratio", facet_ratio, f"none, or the {rho} that shape {shape!r} names")
+        return "polyhedron", rho
+    return shape, facet_ratio
+
+
 def gauge(shape: str, xyz: np.ndarray, facet_ratio: float | None = None) -> np.ndarray:
     """Scale at which each point (relative to the centre, Angstrom) enters the shape: inside iff gauge <= s."""
+    shape, facet_ratio = parse_shape(shape, facet_ratio)
     if shape == "sphere":
         return np.sqrt(np.einsum("ij,ij->i", xyz, xyz))
     if shape not in SHAPES:
@@ -94,6 +112,7 @@ def gauge(shape: str, xyz: np.ndarray, facet_ratio: float | None = None) -> np.n
 def _half_extent_per_diameter(shape: str, facet_ratio: float | None = None) -> float:
     """Largest |x|, |y| or |z| of a shape per unit equal-volume diameter (the cube of candidate sites must hold it):
     0.5 for a sphere, 0.40 for a cube, 0.73 for an octahedron. The volume at unit gauge is counted on a grid."""
+    shape, facet_ratio = parse_shape(shape, facet_ratio)
     if shape == "sphere":
         return 0.5
     n = 96
@@ -204,6 +223,8 @@ def cut_ladder(crystal: Crystal, shape: str, diameters_nm, *, surface: str = "as
     by the nearest complete-shell cluster; duplicates are dropped. Surfaces are applied to each member with a
     generator seeded from `seed`, so a ladder is reproducible.
     """
+    name = shape
+    shape, facet_ratio = parse_shape(shape, facet_ratio)
     d = np.atleast_1d(np.asarray(diameters_nm, dtype=np.float64))
     if d.size == 0 or np.any(~np.isfinite(d)) or np.any(d <= 0):
         raise bad("diameter_nm", d.tolist() if d.size > 1 else (d.tolist() or [None])[0], "positive diameters in nm")
@@ -214,7 +235,7 @@ def cut_ladder(crystal: Crystal, shape: str, diameters_nm, *, surface: str = "as
     half = max(0.55, extent) * d.max() * 10.0 + 2.0 * np.abs(crystal.lattice_angstrom).max()
     xyz, site, grid, div = _candidates(crystal, centre_cart, half)
     rel = xyz - centre_cart
-    g = gauge(shape, rel, facet_ratio)
+    g = gauge(shape, rel, facet_ratio)  # raises for a polyhedron without a valid facet ratio
     order = np.argsort(g, kind="stable")
     gs = g[order]
     # shell closures: last index of each run of equal gauge
@@ -241,7 +262,7 @@ def cut_ladder(crystal: Crystal, shape: str, diameters_nm, *, surface: str = "as
         gv = None if grid is None else crystal.lattice_angstrom / np.array(div)[:, None]
         out.append(Cluster(elements_all[idx], xyz[idx] - centre_cart,
                            None if grid is None else grid[idx], gv, v_atom,
-                           {"material": crystal.name, "shape": shape, "surface": surface, "centre": centre,
+                           {"material": crystal.name, "shape": name, "surface": surface, "centre": centre,
                             "anion_removal": anion_removal if surface == "cation_rich" else 0.0,
                             "facet_ratio": None if shape == "sphere" else float(FACET_RATIO.get(shape, facet_ratio)),
                             "gauge_angstrom": float(gs[n - 1]), "seed": seed}))

@@ -21,6 +21,7 @@ def test_default_configs_load_and_resolve_every_key():
     assert d.dispersion.class_edges_pct == [0, 5, 10, 15, 25]
     assert d.seedgrid.means_nm[0] == 2.0 and d.seedgrid.means_nm[-1] == 10.0 and len(d.seedgrid.means_nm) == 17
     assert set(d.variants.shapes) == {"sphere", "cuboctahedron", "truncated_octahedron", "cube"}
+    assert d.variants.training_shapes == ["octahedron", "polyhedron:0.7", "polyhedron:1.0", "polyhedron:1.5"]
     assert full.resolved["dataset"]["q"] == {"min_inv_angstrom": 1.0, "max_inv_angstrom": 10.0,
                                              "step_inv_angstrom": 0.005}
     # the default file spells out the defaults: same resolved config, same hash as the bare schema
@@ -48,6 +49,11 @@ def test_overrides_are_yaml_scalars_and_change_the_hash():
     ("dataset.samples=1.5", "dataset.samples = 1.5", "expected an integer"),
     ("dataset.sizes.maxnm=3", "dataset.sizes.maxnm = 3", "no such key here"),
     ("dataset.variants.shapes=[sphere, blob]", "dataset.variants.shapes[1] = 'blob'", "expected one of"),
+    ("dataset.variants.shapes=[polyhedron:0.4]", "dataset.variants.shapes[0] = 'polyhedron:0.4'", "RHO >= 0.577"),
+    ("dataset.variants.shapes=[polyhedron:x]", "dataset.variants.shapes[0] = 'polyhedron:x'", "polyhedron:RHO"),
+    ("dataset.variants.shapes=[polyhedron]", "dataset.variants.shapes[0] = 'polyhedron'", "polyhedron:RHO"),
+    ("dataset.variants.training_shapes=[cube]", "dataset.variants.training_shapes = ['cube']", "not already in"),
+    ("dataset.variants.training_shapes=[blob]", "dataset.variants.training_shapes[0] = 'blob'", "expected one of"),
     ("dataset.splits.train=0.9", "dataset.splits = ", "fractions that sum to 1"),
     ("dataset.ladder.max_nm=5", "dataset.ladder.max_nm = 5.0", "the largest mean"),
     ("dataset.nuisance.microstrain_pct=[0.5, 0.1]", "dataset.nuisance.microstrain_pct = [0.5, 0.1]",

@@ -207,6 +207,28 @@ def test_frozen_splits_are_augmented_deterministically(home, tmp_path):
     np.testing.assert_array_equal(again["pattern"], bench[: sh["rows"]])
 
 
+def test_training_shapes_go_to_train_and_val_only_and_leave_the_other_splits_as_they_were(home, reference, tmp_path):
+    """`variants.training_shapes` widens what the network learns from without moving the frozen splits or test."""
+    every = ["dataset.splits={train: 0.5, val: 0.125, test: 0.125, benchmark: 0.125, seedgrid: 0.125}"]
+    base = tmp_path / "base"
+    sm.run(tiny(*every), base, use_ray=False, quiet=True)
+    wide = tmp_path / "wide"
+    m = sm.run(tiny(*every, "dataset.variants.training_shapes=[octahedron, 'polyhedron:1.5']"), wide,
+               use_ray=False, quiet=True)
+    assert {f["shape"] for f in m["families"]} == {"sphere", "cube", "octahedron", "polyhedron:1.5"}
+    for split in ("train", "val"):
+        _, lab = ds.load_split(wide, split, columns=["shape"])
+        assert {"octahedron", "polyhedron:1.5"} <= set(lab["shape"]), split
+    b, w = checksums(base), checksums(wide)
+    for split in ("test", "benchmark", "seedgrid"):
+        _, lab = ds.load_split(wide, split, columns=["shape"])
+        assert set(lab["shape"]) <= {"sphere", "cube"}, split
+        pats_b, _ = ds.load_split(base, split, columns=[])
+        pats_w, _ = ds.load_split(wide, split, columns=[])
+        np.testing.assert_array_equal(pats_b, pats_w)
+    assert any(b[k] != w[k] for k in b if k.startswith("split=train"))
+
+
 def test_same_bytes_with_one_or_two_workers(home, reference, ray_local, tmp_path):
     ref, _ = reference
     sums = checksums(ref)

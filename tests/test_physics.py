@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from qdsize.sim import cluster, crystal, debye, distribution, pattern, scattering
+from qdsize.sim.errors import InputError
 
 PBS_BRAGG = {"111": 1.833, "200": 2.117, "220": 2.994, "311": 3.511, "222": 3.667, "400": 4.234}
 
@@ -154,6 +155,24 @@ def test_equal_volume_diameter_uses_the_bulk_volume_per_atom():
         # atom-centred cubes grow by whole pairs of planes (5.5 -> 6.3 nm): the tolerance is half that step
         tol = 0.4 if shape == "cube" else 0.15
         assert abs(cluster.cut(crystal.pbs(), shape, 6.0).diameter_nm - 6.0) < tol, shape
+
+
+def test_a_polyhedron_named_by_its_facet_ratio_is_the_named_shape_of_that_ratio():
+    xt = crystal.pbs()
+    for shape in ("octahedron", "truncated_octahedron", "cuboctahedron"):
+        rho = float(cluster.FACET_RATIO[shape])
+        a = cluster.cut(xt, shape, 4.0, centre="random", seed=3)
+        b = cluster.cut(xt, f"polyhedron:{rho!r}", 4.0, centre="random", seed=3)
+        assert np.array_equal(a.positions_angstrom, b.positions_angstrom), shape
+        assert b.info["shape"] == f"polyhedron:{rho!r}" and b.info["facet_ratio"] == rho
+    # between the named ones: the atom count at one gauge grows with the facet ratio (more {111} cut away)
+    cloud = np.random.default_rng(0).uniform(-20.0, 20.0, (20000, 3))
+    n = [int((cluster.gauge(f"polyhedron:{r}", cloud) <= 12.0).sum()) for r in (0.6, 0.7, 1.0, 1.5, 3.0)]
+    assert n == sorted(n) and n[0] < n[-1]
+    with pytest.raises(InputError, match="polyhedron:RHO"):
+        cluster.cut(xt, "polyhedron:abc", 3.0)
+    with pytest.raises(InputError, match="facet_ratio = 0.3"):
+        cluster.cut(xt, "polyhedron:0.3", 3.0)
 
 
 def test_octahedra_are_cut_whole_at_every_size():
