@@ -34,7 +34,8 @@ def pattern(
     xyz: Optional[Path] = typer.Option(None, "--xyz", help="Cluster coordinates (.xyz, Angstrom)."),
     material: str = typer.Option("pbs", help="Built-in material: pbs (rock salt) or cdse (zinc blende)."),
     cif: Optional[Path] = typer.Option(None, "--cif", help="Crystal structure from a CIF file instead of --material."),
-    shape: str = typer.Option("sphere", help="sphere, cube, cuboctahedron, truncated_octahedron, octahedron."),
+    shape: str = typer.Option("sphere", help="sphere, cube, cuboctahedron, truncated_octahedron, octahedron, "
+                              "or polyhedron:RHO (facet ratio d111/d100 = RHO >= 0.577)."),
     diameter_nm: Optional[float] = typer.Option(None, "--diameter-nm", help="Equal-volume (mean) diameter in nm."),
     dispersion_pct: float = typer.Option(0.0, "--dispersion-pct", help="Lognormal std/mean in percent."),
     surface: str = typer.Option("as_cut", help="as_cut, stoichiometric or cation_rich (Pb-rich)."),

@@ -278,7 +278,7 @@ def refine_command(
     fmt: str = typer.Option("table", "--format", help="table or json."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     shape: str = typer.Option("sphere", "--shape", help="Model shape: sphere, cuboctahedron, "
-                              "truncated_octahedron, cube."),
+                              "truncated_octahedron, cube, octahedron or polyhedron:RHO."),
     surface: str = typer.Option("cation_rich", "--surface", help="cation_rich (Pb-rich) or stoichiometric."),
     solvent: Optional[list[str]] = typer.Option(None, "--solvent", help="Solvent curve with a free amplitude "
                                                 "(repeatable): toluene, hexane, octane, chloroform, water."),
