@@ -271,8 +271,7 @@ class VariantsConfig:
     a_angstrom: float = 5.936
     shapes: list[str] = field(default_factory=lambda: ["sphere", "cuboctahedron", "truncated_octahedron", "cube"])
     # more shapes for the train and val splits only: the frozen splits and test keep to `shapes`
-    training_shapes: list[str] = field(default_factory=lambda: ["octahedron", "polyhedron:0.7", "polyhedron:1.0",
-                                                                "polyhedron:1.5"])
+    training_shapes: list[str] = field(default_factory=lambda: ["octahedron"])
     surfaces: list[str] = field(default_factory=lambda: ["stoichiometric", "cation_rich"])
     anion_removal: float = 0.5
     centre: str = "random"

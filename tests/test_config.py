@@ -21,7 +21,7 @@ def test_default_configs_load_and_resolve_every_key():
     assert d.dispersion.class_edges_pct == [0, 5, 10, 15, 25]
     assert d.seedgrid.means_nm[0] == 2.0 and d.seedgrid.means_nm[-1] == 10.0 and len(d.seedgrid.means_nm) == 17
     assert set(d.variants.shapes) == {"sphere", "cuboctahedron", "truncated_octahedron", "cube"}
-    assert d.variants.training_shapes == ["octahedron", "polyhedron:0.7", "polyhedron:1.0", "polyhedron:1.5"]
+    assert d.variants.training_shapes == ["octahedron"]
     assert full.resolved["dataset"]["q"] == {"min_inv_angstrom": 1.0, "max_inv_angstrom": 10.0,
                                              "step_inv_angstrom": 0.005}
     # the default file spells out the defaults: same resolved config, same hash as the bare schema
