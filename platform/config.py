@@ -288,13 +288,10 @@ class VariantsConfig:
         for key, listed in (("shapes", self.shapes), ("training_shapes", self.training_shapes)):
             for i, s in enumerate(listed):
                 try:
-                    name, rho = cluster.parse_shape(s)
+                    cluster.parse_shape(s)  # checks a polyhedron's facet ratio; a bare "polyhedron" has none
                 except InputError:
-                    name, rho = s, None
-                polyhedron = name == "polyhedron" and rho is not None and rho >= 1 / math.sqrt(3) - 1e-12
-                if name not in shapes and not polyhedron:
-                    raise bad(f"{_sub(path, key)}[{i}]", s,
-                              f"one of {shapes}, or polyhedron:RHO with the facet ratio d111/d100 RHO >= 0.577")
+                    raise bad(f"{_sub(path, key)}[{i}]", s, f"one of {shapes}, or polyhedron:RHO with the facet "
+                              "ratio d111/d100 RHO >= 0.577") from None
         if not self.shapes or len(set(self.shapes)) != len(self.shapes):
             raise bad(_sub(path, "shapes"), self.shapes, "a non-empty list of distinct shapes")
         if len(set(self.training_shapes)) != len(self.training_shapes) or set(self.training_shapes) & set(self.shapes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,7 +80,8 @@ def atoms_for_diameter(diameter_nm: float, volume_per_atom_angstrom3: float) -> 
 
 
 def parse_shape(shape: str, facet_ratio: float | None = None) -> tuple[str, float | None]:
-    """(shape, facet_ratio) of a shape name; "polyhedron:RHO" names a polyhedron with d111/d100 = RHO."""
+    """(shape, facet_ratio) of a shape name, checked: one of SHAPES, where "polyhedron:RHO" names a polyhedron with
+    d111/d100 = RHO and a polyhedron needs RHO >= 1/sqrt(3)."""
     if isinstance(shape, str) and shape.startswith("polyhedron:"):
         text = shape.split(":", 1)[1]
         try:
@@ -88,7 +90,11 @@ def parse_shape(shape: str, facet_ratio: float | None = None) -> tuple[str, floa
             raise bad("shape", shape, "polyhedron:RHO with RHO = d111/d100 a number >= 0.577") from None
         if facet_ratio is not None and facet_ratio != rho:
             raise bad("facet_ratio", facet_ratio, f"none, or the {rho} that shape {shape!r} names")
-        return "polyhedron", rho
+        shape, facet_ratio = "polyhedron", rho
+    if shape not in SHAPES:
+        raise bad("shape", shape, f"one of {list(SHAPES)}")
+    if shape == "polyhedron" and (facet_ratio is None or not facet_ratio >= 1 / SQRT3 - 1e-12):
+        raise bad("facet_ratio", facet_ratio, "d111/d100 >= 1/sqrt(3) = 0.577 (the octahedron limit)")
     return shape, facet_ratio
 
 
@@ -97,11 +103,7 @@ def gauge(shape: str, xyz: np.ndarray, facet_ratio: float | None = None) -> np.n
     shape, facet_ratio = parse_shape(shape, facet_ratio)
     if shape == "sphere":
         return np.sqrt(np.einsum("ij,ij->i", xyz, xyz))
-    if shape not in SHAPES:
-        raise bad("shape", shape, f"one of {list(SHAPES)}")
     rho = FACET_RATIO.get(shape, facet_ratio)
-    if shape == "polyhedron" and (rho is None or not rho >= 1 / SQRT3 - 1e-12):
-        raise bad("facet_ratio", facet_ratio, "d111/d100 >= 1/sqrt(3) = 0.577 (the octahedron limit)")
     ax = np.abs(xyz)
     g100 = ax.max(axis=1)
     if not np.isfinite(rho):
@@ -109,6 +111,7 @@ def gauge(shape: str, xyz: np.ndarray, facet_ratio: float | None = None) -> np.n
     return np.maximum(g100, ax.sum(axis=1) / (SQRT3 * rho))
 
 
+@functools.lru_cache(maxsize=None)
 def _half_extent_per_diameter(shape: str, facet_ratio: float | None = None) -> float:
     """Largest |x|, |y| or |z| of a shape per unit equal-volume diameter (the cube of candidate sites must hold it):
     0.5 for a sphere, 0.40 for a cube, 0.73 for an octahedron. The volume at unit gauge is counted on a grid."""
@@ -205,9 +208,7 @@ def _centre(crystal: Crystal, centre: str, rng) -> np.ndarray:
     raise bad("centre", centre, f"one of {list(CENTRES)}")
 
 
-def _check_common(shape, surface, anion_removal):
-    if shape not in SHAPES:
-        raise bad("shape", shape, f"one of {list(SHAPES)}")
+def _check_common(surface, anion_removal):
     if surface not in SURFACES:
         raise bad("surface", surface, f"one of {list(SURFACES)}")
     if not (0.0 <= anion_removal <= 1.0):
@@ -228,14 +229,14 @@ def cut_ladder(crystal: Crystal, shape: str, diameters_nm, *, surface: str = "as
     d = np.atleast_1d(np.asarray(diameters_nm, dtype=np.float64))
     if d.size == 0 or np.any(~np.isfinite(d)) or np.any(d <= 0):
         raise bad("diameter_nm", d.tolist() if d.size > 1 else (d.tolist() or [None])[0], "positive diameters in nm")
-    _check_common(shape, surface, anion_removal)
+    _check_common(surface, anion_removal)
     rng = np.random.default_rng(seed)
     centre_cart = _centre(crystal, centre, rng)
     extent = 1.05 * _half_extent_per_diameter(shape, facet_ratio)  # 5 % over the grid-counted volume's error
     half = max(0.55, extent) * d.max() * 10.0 + 2.0 * np.abs(crystal.lattice_angstrom).max()
     xyz, site, grid, div = _candidates(crystal, centre_cart, half)
     rel = xyz - centre_cart
-    g = gauge(shape, rel, facet_ratio)  # raises for a polyhedron without a valid facet ratio
+    g = gauge(shape, rel, facet_ratio)
     order = np.argsort(g, kind="stable")
     gs = g[order]
     # shell closures: last index of each run of equal gauge
