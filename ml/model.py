@@ -72,6 +72,46 @@ def interval_probs(mean: torch.Tensor, std: torch.Tensor, edges: list[float]) ->
     return torch.where(total > 1e-12, p.clamp_min(0.0) / total.clamp_min(1e-12), end)
 
 
+def _fusion_terms(mean, std, head_probs, edges, power):
+    """Per class: the unnormalised mass of the fused density, and its first and second moments about `mean` (in units
+    of std). The outer classes reach to -inf and +inf with the density of their nominal width."""
+    e = torch.as_tensor(edges, dtype=mean.dtype, device=mean.device)
+    inner = e[1:-1]
+    big = inner.new_full((1,), 40.0)  # +-40 standard deviations: the normal's mass and density there are 0
+    std = std.clamp_min(1e-6)
+    z = (inner[None, :] - mean[:, None]) / std[:, None]
+    a = torch.cat([-big.expand(len(mean), 1), z.clamp(-40, 40)], dim=1)
+    b = torch.cat([z.clamp(-40, 40), big.expand(len(mean), 1)], dim=1)
+    pdf_a, pdf_b = torch.exp(-0.5 * a * a) / math.sqrt(2 * math.pi), torch.exp(-0.5 * b * b) / math.sqrt(2 * math.pi)
+    gauss = (torch.special.ndtr(b) - torch.special.ndtr(a)).clamp_min(0.0)
+    weight = (head_probs.clamp_min(1e-12) / torch.diff(e)[None, :]) ** power
+    return weight * gauss, weight * (pdf_a - pdf_b), weight * (gauss + a * pdf_a - b * pdf_b)
+
+
+def fuse(mean: torch.Tensor, std: torch.Tensor, head_probs: torch.Tensor, edges: list[float],
+         power: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Product of the two experts of one quantity: the continuous estimate's N(mean, std) times the class head's
+    piecewise-constant density (probability / class width) to the power `power`. Returns the fused density's mean, its
+    standard deviation and its mass in each class. The class head can say what one Gaussian cannot (a skewed or
+    two-sided answer, a class edge the estimate sits on); power 0 is the Gaussian alone."""
+    m0, m1, m2 = _fusion_terms(mean, std, head_probs, edges, power)
+    s0 = m0.sum(dim=1).clamp_min(1e-30)
+    shift = m1.sum(dim=1) / s0  # mean - Gaussian mean, in units of std
+    var = (m2.sum(dim=1) / s0 - shift * shift).clamp_min(1e-6)
+    return mean + std * shift, std * torch.sqrt(var), m0 / s0[:, None]
+
+
+def fused_nll(mean: torch.Tensor, std: torch.Tensor, head_probs: torch.Tensor, edges: list[float],
+              power: float | torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of `target` under the fused density of `fuse` (up to a constant)."""
+    m0, _, _ = _fusion_terms(mean, std, head_probs, edges, power)
+    e = torch.as_tensor(edges, dtype=mean.dtype, device=mean.device)
+    k = torch.bucketize(target, e[1:-1], right=True)
+    log_w = power * torch.log(head_probs.clamp_min(1e-12).gather(1, k[:, None])[:, 0] / torch.diff(e)[k])
+    z = (target - mean) / std.clamp_min(1e-6)
+    return (0.5 * z * z + torch.log(std.clamp_min(1e-6)) - log_w + torch.log(m0.sum(dim=1).clamp_min(1e-30))).mean()
+
+
 # Instrument resolution as the augmentation draws it: pseudo-Voigt FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) with
 # Lorentzian fraction eta. Scales: the tops of the default training ranges (conf/augment/default.yaml).
 RESOLUTION_KEYS = ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")
@@ -147,6 +187,14 @@ class QDNet(nn.Module):
         # calibrated variance = var_scale x (predicted variance) ^ var_power (models saved before: power 1)
         self.register_buffer("mean_diameter_var_power", torch.ones(()))
         self.register_buffer("dispersion_var_power", torch.ones(()))
+        # the reported estimate fuses the continuous Gaussian with the class head's density to this power (`fuse`;
+        # 0 = the Gaussian alone, as in models saved before)
+        self.register_buffer("mean_diameter_fusion_power", torch.zeros(()))
+        self.register_buffer("dispersion_fusion_power", torch.zeros(()))
+        # and the fused class masses are temperature-scaled (the two experts see the same features: their product is
+        # overconfident)
+        self.register_buffer("size_fusion_temperature", torch.ones(()))
+        self.register_buffer("dispersion_fusion_temperature", torch.ones(()))
         # out-of-distribution reference: pooled features of held-out training-like data (Mahalanobis)
         self.register_buffer("ood_mean", torch.zeros(cin))
         self.register_buffer("ood_precision", torch.eye(cin))
@@ -194,10 +242,18 @@ class QDNet(nn.Module):
                "ood_score": self.ood_score(pooled)}
         for head, key, edges in (("size", "mean_diameter", self.config.size_edges_nm),
                                  ("dispersion", "dispersion", self.config.dispersion_edges_pct)):
-            if edges is not None:  # in physical units
-                centre, scale = TARGET_SCALE[key]
-                out[f"{head}_probs"] = interval_probs(out[key] * scale + centre,
-                                                      torch.exp(0.5 * out[key + "_logvar"]) * scale, edges)
+            if edges is None:
+                continue
+            centre, scale = TARGET_SCALE[key]  # in physical units
+            mean, std = out[key] * scale + centre, torch.exp(0.5 * out[key + "_logvar"]) * scale
+            power = getattr(self, f"{key}_fusion_power")
+            if float(power) > 0:
+                mean, std, mass = fuse(mean, std, torch.softmax(out[f"{head}_logits"], -1), edges, power)
+                t = getattr(self, f"{head}_fusion_temperature")
+                out[f"{head}_probs"] = torch.softmax(torch.log(mass.clamp_min(1e-30)) / t, -1)
+                out[key], out[key + "_logvar"] = (mean - centre) / scale, 2 * torch.log(std / scale)
+            else:
+                out[f"{head}_probs"] = interval_probs(mean, std, edges)
         return out
 
     def class_activation_map(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,

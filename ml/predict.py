@@ -53,7 +53,9 @@ class Predictor:
             raise InputError(f"model = {str(folder)!r}: not a qdsize model folder ({exc})") from None
         old = {"position_channel": False, "resolution_input": False}  # what models saved before these inputs lack
         net = QDNet(ModelConfig(**{**old, **meta["architecture"]}))
-        since = {k: v for k, v in net.state_dict().items() if k.endswith("_var_power")}  # 1 in models saved before
+        # buffers that models saved before lack: their defaults (1, 0, 1) reproduce those models
+        since = {k: v for k, v in net.state_dict().items()
+                 if k.endswith(("_var_power", "_fusion_power", "_fusion_temperature"))}
         net.load_state_dict({**since, **state})
         net.eval()
         card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from qdsize.sim.errors import bad
 
 from . import data, evaluate, ood
-from .model import TARGET_SCALE, ModelConfig, QDNet, pick_device
+from .model import TARGET_SCALE, ModelConfig, QDNet, fuse, fused_nll, pick_device
 
 REGISTERED_MODEL = "qdsize-pbs"
 FROZEN_SPLITS = ("benchmark", "seedgrid")
@@ -272,6 +272,10 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
     for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_var_scale", "dispersion_var_scale",
                 "mean_diameter_var_power", "dispersion_var_power"):
         getattr(model, buf).fill_(1.0)
+    for buf in ("mean_diameter_fusion_power", "dispersion_fusion_power"):
+        getattr(model, buf).fill_(0.0)
+    for buf in ("size_fusion_temperature", "dispersion_fusion_temperature"):
+        getattr(model, buf).fill_(1.0)
 
     def part(t, a):
         return None if t is None else t[a:a + 1024]
@@ -292,10 +296,41 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
         getattr(model, f"{key}_var_power").fill_(power)
         getattr(model, f"{key}_var_scale").fill_(var_scale)
         result[f"{key}_var_power"], result[f"{key}_var_scale"] = power, var_scale
+    for head, key, label, edges in (("size", "mean_diameter", "mean_diameter_nm", model.config.size_edges_nm),
+                                    ("dispersion", "dispersion", "size_dispersion_pct",
+                                     model.config.dispersion_edges_pct)):
+        if edges is not None:
+            power, t = fit_fusion(out, model, head, key, y[label], y[f"{head}_class"].long(), edges)
+            getattr(model, f"{key}_fusion_power").fill_(power)
+            getattr(model, f"{head}_fusion_temperature").fill_(t)
+            result[f"{key}_fusion_power"], result[f"{head}_fusion_temperature"] = power, t
     pooled = torch.cat([model.pooled(x[a:a + 1024], part(mask, a), part(resolution, a))
                         for a in range(0, len(x), 1024)])
     result["ood_threshold"] = model.fit_ood(pooled)
     return result
+
+
+@torch.no_grad()
+def fit_fusion(out: dict, model: QDNet, head: str, key: str, target: torch.Tensor, target_class: torch.Tensor,
+               edges) -> tuple[float, float]:
+    """The power of the class head in `model.fuse` of least NLL of `target` (0 to 2 in steps of 0.05), then the
+    temperature of the fused class masses of least NLL of `target_class`; from raw outputs `out` (variance not
+    calibrated) and the model's calibrated variance and head temperature."""
+    centre, scale = TARGET_SCALE[key]
+    mean = out[key].double() * scale + centre
+    logvar = out[key + "_logvar"].double() * getattr(model, f"{key}_var_power") \
+        + torch.log(getattr(model, f"{key}_var_scale"))
+    std = torch.exp(0.5 * logvar) * scale
+    probs = torch.softmax(out[f"{head}_logits"].double() / getattr(model, f"{head}_temperature"), -1)
+    powers = [0.05 * i for i in range(41)]
+    nll = [float(fused_nll(mean, std, probs, edges, p, target.double())) for p in powers]
+    power = powers[int(np.argmax(np.asarray(nll) <= min(nll) + 1e-6))]  # the least power that helps: 0 if none
+    if power == 0:
+        return 0.0, 1.0
+    log_mass = torch.log(fuse(mean, std, probs, edges, power)[2].clamp_min(1e-30))
+    grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 200, dtype=torch.float64))
+    ce = torch.stack([F.cross_entropy(log_mass / t, target_class) for t in grid])
+    return power, float(grid[int(torch.argmin(ce))])
 
 
 def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: np.ndarray,

@@ -124,3 +124,84 @@ def test_class_probabilities_of_the_continuous_estimate():
     assert out["size_probs"].shape == (4, 3) and out["dispersion_probs"].shape == (4, 2)
     with pytest.raises(InputError, match="model.size_edges_nm"):
         ModelConfig(n_size_classes=3, size_edges_nm=[2.0, 3.0])
+
+
+def _fused_on_a_grid(mean, std, probs, edges, power):
+    """Oracle for `fuse`: the product density summed on a fine grid in float64 (outer classes reach out with the
+    density of their nominal width)."""
+    import numpy as np
+
+    e = np.asarray(edges, dtype=np.float64)
+    d = np.linspace(mean - 12 * std, mean + 12 * std, 400_001)
+    k = np.clip(np.searchsorted(e, d, side="right") - 1, 0, len(e) - 2)
+    density = np.exp(-0.5 * ((d - mean) / std) ** 2) * (np.asarray(probs)[k] / np.diff(e)[k]) ** power
+    density /= density.sum()
+    m = (density * d).sum()
+    return m, np.sqrt((density * (d - m) ** 2).sum()), np.bincount(k, density, minlength=len(e) - 1), d, density
+
+
+def test_fusion_of_the_two_experts_against_a_grid_integration():
+    """Mean, standard deviation and class masses of N(mean, std) x (class-head density)^power agree with a brute-force
+    integration; power 0 is the Gaussian itself, its tails in the outer classes; the NLL is the density's."""
+    import math
+
+    import numpy as np
+
+    from qdsize.ml.model import fuse, fused_nll
+
+    edges = [2.0, 3.0, 4.0, 6.0, 7.0]
+    probs = torch.tensor([[0.05, 0.6, 0.3, 0.05], [0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25]], dtype=torch.float64)
+    mean = torch.tensor([3.2, 6.8, 2.5], dtype=torch.float64)
+    std = torch.tensor([0.7, 0.4, 1.5], dtype=torch.float64)
+    for power in (0.0, 0.45, 1.0, 2.0):
+        m, s, mass = fuse(mean, std, probs, edges, power)
+        for i in range(3):
+            om, os_, omass, d, density = _fused_on_a_grid(float(mean[i]), float(std[i]), probs[i].numpy(), edges, power)
+            assert float(m[i]) == pytest.approx(om, abs=1e-4) and float(s[i]) == pytest.approx(os_, rel=1e-3)
+            np.testing.assert_allclose(mass[i].numpy(), omass, atol=1e-4)
+            target = float(mean[i]) + 0.3
+            nll = fused_nll(mean[i:i + 1], std[i:i + 1], probs[i:i + 1], edges, power,
+                            torch.tensor([target], dtype=torch.float64))
+            grid_pdf = np.interp(target, d, density) / (d[1] - d[0])
+            assert float(nll) + 0.5 * math.log(2 * math.pi) == pytest.approx(-math.log(grid_pdf), abs=2e-3)
+        if power == 0:
+            torch.testing.assert_close(m, mean)
+            torch.testing.assert_close(s, std)
+    m, s, _ = fuse(mean, std, probs, edges, 1.0)
+    assert float(m[0]) > 3.2 and float(s[0]) < 0.7  # the head's mass on 4-6 nm pulls the mean up and narrows it
+    m, s, _ = fuse(mean[2:], std[2:], probs[2:], edges, 1.0)  # a flat head (per width: 4-6 nm is half as dense)
+    assert float(m[0]) < 2.5
+
+
+def test_fusion_is_off_in_a_new_network_and_changes_the_answer_when_on():
+    net = QDNet(ModelConfig(channels=[8], kernels=[3], strides=[2], n_size_classes=3, n_dispersion_classes=2,
+                            size_edges_nm=[2.0, 3.0, 4.0, 5.0], dispersion_edges_pct=[0.0, 10.0, 25.0])).eval()
+    assert float(net.mean_diameter_fusion_power) == 0 and float(net.size_fusion_temperature) == 1
+    x = torch.rand(4, 32) + 1
+    plain = net(x)
+    net.mean_diameter_fusion_power.fill_(1.0)
+    net.size_fusion_temperature.fill_(2.0)
+    fused = net(x)
+    assert not torch.allclose(plain["mean_diameter"], fused["mean_diameter"])
+    torch.testing.assert_close(fused["size_probs"].sum(1), torch.ones(4))
+    torch.testing.assert_close(plain["dispersion_probs"], fused["dispersion_probs"])  # its power is still 0
+
+
+def test_a_model_saved_before_fusion_loads_with_it_off(tmp_path):
+    """Weights without the fusion buffers (models saved before them) load with power 0 and temperature 1: the same
+    answers as when they were saved."""
+    import numpy as np
+
+    from qdsize.ml.predict import WEIGHTS, Predictor
+
+    net = QDNet(ModelConfig(channels=[8], kernels=[3], strides=[2], n_size_classes=3, n_dispersion_classes=2,
+                            size_edges_nm=[2.0, 3.0, 4.0, 5.0], dispersion_edges_pct=[0.0, 10.0, 25.0])).eval()
+    folder = Predictor(net, np.linspace(1, 8, 32), [2.0, 3.0, 4.0, 5.0], [0.0, 10.0, 25.0]).save(tmp_path / "m")
+    state = torch.load(folder / WEIGHTS, weights_only=True)
+    torch.save({k: v for k, v in state.items() if "fusion" not in k}, folder / WEIGHTS)
+    net.mean_diameter_fusion_power.fill_(1.0)  # what the saved file must not bring back
+    loaded = Predictor.load(folder).model
+    assert float(loaded.mean_diameter_fusion_power) == 0 and float(loaded.size_fusion_temperature) == 1
+    x = torch.rand(3, 32) + 1
+    net.mean_diameter_fusion_power.fill_(0.0)
+    torch.testing.assert_close(loaded(x)["mean_diameter"], net(x)["mean_diameter"])
