@@ -26,8 +26,9 @@ class ModelConfig:
     n_size_classes: int = 10
     n_dispersion_classes: int = 4
     # class edges (set from the dataset by training): the reported class probabilities are then those of the
-    # continuous estimate's Gaussian over each class, so class, value and uncertainty are one answer (None: the
-    # class heads' softmax, as models saved before did)
+    # reported density over each class (the continuous estimate's Gaussian, fused with the class head when the
+    # fusion power is above 0), so class, value and uncertainty are one answer (None: the class heads' softmax, as
+    # models saved before did)
     size_edges_nm: list[float] | None = None
     dispersion_edges_pct: list[float] | None = None
 
