@@ -540,7 +540,9 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
         if held or cfg.holdout.solvents:
             shifted = shifted_split(dataset, cfg.holdout, cfg.augment_anchor, q, cfg.seed)
             scores.update(shifted_scores(model, shifted, device, edges))
-        mlflow.log_metrics(scores)
+        # one step after the last epoch: with frozen-split scores logged per epoch (`score_frozen_every_epoch`)
+        # under the same names, the run's latest value is then the shipped, calibrated model's
+        mlflow.log_metrics(scores, step=len(history) + 1)
         mlflow.log_metric("best_val_loss", best)
         with tempfile.TemporaryDirectory() as tmp:
             log_figures(model, history, preds, q, device, Path(tmp), edges)

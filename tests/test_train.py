@@ -27,7 +27,8 @@ def test_short_training_beats_chance_and_is_fully_tracked(tiny_dataset, tmp_path
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp = tracking.ensure_experiment("qdsize-tiny", local_artifacts=True)
-    res = train(_cfg(tiny_dataset), tracking_uri=uri, experiment_id=exp, progress=False)
+    res = train(_cfg(tiny_dataset, score_frozen_every_epoch=True), tracking_uri=uri, experiment_id=exp,
+                progress=False)
     # 4 size classes and 3 dispersion classes: chance is 0.25 and 0.33
     assert res["val_size_accuracy"] > 0.6, res
     assert res["val_mean_diameter_mae_nm"] < 0.6, res
@@ -40,6 +41,10 @@ def test_short_training_beats_chance_and_is_fully_tracked(tiny_dataset, tmp_path
                 "benchmark_joint_accuracy", "benchmark_ece", "seedgrid_joint_within"):
         assert key in run.data.metrics, key
     assert len(client.get_metric_history(res["run_id"], "val_loss")) == 6
+    # scored after every epoch, then the shipped model: the run's value is the shipped model's
+    assert len(client.get_metric_history(res["run_id"], "benchmark_size_accuracy")) == 7
+    for key in ("benchmark_size_accuracy", "benchmark_mean_diameter_mae_nm", "seedgrid_size_within_0p25nm"):
+        assert run.data.metrics[key] == pytest.approx(res[key]), key
     arts = {a.path for a in client.list_artifacts(res["run_id"], "figures")}
     for name in ("learning_curves.png", "confusion_benchmark_size.png", "cam_benchmark.png",
                  "per_class_benchmark_size.md", "history.json"):
