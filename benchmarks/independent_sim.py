@@ -44,8 +44,8 @@ def ladder(shape: str, max_diameter_nm: float, step_nm: float, rng: np.random.Ge
     n = int(math.ceil(max_diameter_nm * 10 * 1.5 / A_PBS)) + 2
     block = bulk("PbS", "rocksalt", a=A_PBS, cubic=True).repeat((n, n, n))
     r = block.get_positions() - block.get_cell().sum(axis=0) / 2 + rng.uniform(0, A_PBS, 3)
-    norm = {"sphere": np.linalg.norm(r, axis=1), "cube_pb_rich": np.abs(r).max(axis=1),
-            "octahedron": np.abs(r).sum(axis=1)}[shape]
+    norm = {"sphere": lambda: np.linalg.norm(r, axis=1), "cube_pb_rich": lambda: np.abs(r).max(axis=1),
+            "octahedron": lambda: np.abs(r).sum(axis=1)}[shape]()
     order = np.argsort(norm, kind="stable")
     v_atom = A_PBS ** 3 / 8 / 1000  # nm^3
     diameters, clusters = [], []
@@ -161,8 +161,11 @@ def main() -> None:
         for _ in range(args.samples // len(SHAPES)):
             qm, y, t = sample(q, d, pair, self_part, rng)
             pattern = measured.MeasuredPattern(qm, y, None, f"{shape} sample", "q_A")
-            xi, mi, _ = measured.resample(pattern, grid)
-            x.append(xi), mask.append(mi), truth.append(t), shape_of.append(shape)
+            xi, mi, _ = measured.resample(pattern, grid)  # zero where not measured
+            x.append(xi)
+            mask.append(mi)
+            truth.append(t)
+            shape_of.append(shape)
     x, mask, shape_of = np.array(x), np.array(mask), np.array(shape_of)
     d = np.array([t["mean_diameter_nm"] for t in truth])
     s = np.array([t["dispersion_pct"] for t in truth])
@@ -175,9 +178,9 @@ def main() -> None:
                       "1 sigma", "2 sigma", "bias nm", "flagged", title=name)
         flagged = np.zeros(len(d), bool)
         if p.physics is not None:
-            flagged = p.physics.flags(np.where(mask > 0, x, 0), mask)[1]
+            flagged = p.physics.flags(x, mask)[1]
         for told in (False, True):
-            pred = evaluate.predict_arrays(p.model, np.where(mask > 0, x, 0), mask,
+            pred = evaluate.predict_arrays(p.model, x, mask,
                                            resolution=res if told and p.takes_resolution else None)
             flagged_all = flagged | (pred["ood_score"] > float(p.model.ood_threshold))
             for g, sel in groups.items():

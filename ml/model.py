@@ -235,11 +235,9 @@ class QDNet(nn.Module):
         out = {"size_logits": self.size_head(pooled) / self.size_temperature,
                "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
                "mean_diameter": reg[:, 0],
-               "mean_diameter_logvar": reg[:, 1].clamp(-12, 6) * self.mean_diameter_var_power
-               + torch.log(self.mean_diameter_var_scale),
+               "mean_diameter_logvar": self.calibrated_logvar("mean_diameter", reg[:, 1]),
                "dispersion": reg[:, 2],
-               "dispersion_logvar": reg[:, 3].clamp(-12, 6) * self.dispersion_var_power
-               + torch.log(self.dispersion_var_scale),
+               "dispersion_logvar": self.calibrated_logvar("dispersion", reg[:, 3]),
                "ood_score": self.ood_score(pooled)}
         for head, key, edges in (("size", "mean_diameter", self.config.size_edges_nm),
                                  ("dispersion", "dispersion", self.config.dispersion_edges_pct)):
@@ -248,7 +246,7 @@ class QDNet(nn.Module):
             centre, scale = TARGET_SCALE[key]  # in physical units
             mean, std = out[key] * scale + centre, torch.exp(0.5 * out[key + "_logvar"]) * scale
             power = getattr(self, f"{key}_fusion_power")
-            if float(power) > 0:
+            if not self.training and float(power) > 0:  # training fits the heads themselves (and needs no sync)
                 mean, std, mass = fuse(mean, std, torch.softmax(out[f"{head}_logits"], -1), edges, power)
                 t = getattr(self, f"{head}_fusion_temperature")
                 out[f"{head}_probs"] = torch.softmax(torch.log(mass.clamp_min(1e-30)) / t, -1)
@@ -256,6 +254,10 @@ class QDNet(nn.Module):
             else:
                 out[f"{head}_probs"] = interval_probs(mean, std, edges)
         return out
+
+    def calibrated_logvar(self, key: str, raw: torch.Tensor) -> torch.Tensor:
+        """The log variance a regression output `raw` stands for after calibration: log(a v^b), v = exp(raw)."""
+        return raw.clamp(-12, 6) * getattr(self, f"{key}_var_power") + torch.log(getattr(self, f"{key}_var_scale"))
 
     def class_activation_map(self, intensity: torch.Tensor, mask: torch.Tensor | None = None,
                              head: str = "size", target: torch.Tensor | None = None,

@@ -270,12 +270,9 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
     """
     model.eval()
     for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_var_scale", "dispersion_var_scale",
-                "mean_diameter_var_power", "dispersion_var_power"):
-        getattr(model, buf).fill_(1.0)
-    for buf in ("mean_diameter_fusion_power", "dispersion_fusion_power"):
-        getattr(model, buf).fill_(0.0)
-    for buf in ("size_fusion_temperature", "dispersion_fusion_temperature"):
-        getattr(model, buf).fill_(1.0)
+                "mean_diameter_var_power", "dispersion_var_power", "size_fusion_temperature",
+                "dispersion_fusion_temperature", "mean_diameter_fusion_power", "dispersion_fusion_power"):
+        getattr(model, buf).fill_(0.0 if buf.endswith("fusion_power") else 1.0)  # the raw network
 
     def part(t, a):
         return None if t is None else t[a:a + 1024]
@@ -284,10 +281,7 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
     out = {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
     result = {}
     for head, label in (("size", "size_class"), ("dispersion", "dispersion_class")):
-        logits, target = out[f"{head}_logits"], y[label].long()
-        grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 200, device=logits.device))
-        nll = torch.stack([F.cross_entropy(logits / t, target) for t in grid])
-        t = float(grid[int(torch.argmin(nll))])
+        t = best_temperature(out[f"{head}_logits"], y[label].long())
         getattr(model, f"{head}_temperature").fill_(t)
         result[f"{head}_temperature"] = t
     for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
@@ -311,6 +305,13 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
 
 
 @torch.no_grad()
+def best_temperature(logits: torch.Tensor, target: torch.Tensor) -> float:
+    """The temperature T of least cross-entropy of logits / T, on a log grid over 0.25-8."""
+    grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 200, dtype=logits.dtype, device=logits.device))
+    return float(grid[int(torch.argmin(torch.stack([F.cross_entropy(logits / t, target) for t in grid])))])
+
+
+@torch.no_grad()
 def fit_fusion(out: dict, model: QDNet, head: str, key: str, target: torch.Tensor, target_class: torch.Tensor,
                edges) -> tuple[float, float]:
     """The power of the class head in `model.fuse` of least NLL of `target` (0 to 2 in steps of 0.05), then the
@@ -318,9 +319,7 @@ def fit_fusion(out: dict, model: QDNet, head: str, key: str, target: torch.Tenso
     calibrated) and the model's calibrated variance and head temperature."""
     centre, scale = TARGET_SCALE[key]
     mean = out[key].double() * scale + centre
-    logvar = out[key + "_logvar"].double() * getattr(model, f"{key}_var_power") \
-        + torch.log(getattr(model, f"{key}_var_scale"))
-    std = torch.exp(0.5 * logvar) * scale
+    std = torch.exp(0.5 * model.calibrated_logvar(key, out[key + "_logvar"].double())) * scale
     probs = torch.softmax(out[f"{head}_logits"].double() / getattr(model, f"{head}_temperature"), -1)
     powers = [0.05 * i for i in range(41)]
     nll = [float(fused_nll(mean, std, probs, edges, p, target.double())) for p in powers]
@@ -328,9 +327,7 @@ def fit_fusion(out: dict, model: QDNet, head: str, key: str, target: torch.Tenso
     if power == 0:
         return 0.0, 1.0
     log_mass = torch.log(fuse(mean, std, probs, edges, power)[2].clamp_min(1e-30))
-    grid = torch.exp(torch.linspace(math.log(0.25), math.log(8.0), 200, dtype=torch.float64))
-    ce = torch.stack([F.cross_entropy(log_mass / t, target_class) for t in grid])
-    return power, float(grid[int(torch.argmin(ce))])
+    return power, best_temperature(log_mass, target_class)
 
 
 def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: np.ndarray,
