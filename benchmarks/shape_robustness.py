@@ -77,9 +77,10 @@ def main() -> None:
             for uri, model in models.items():
                 with torch.no_grad():
                     m, _ = frozen_split_scores(model.model.eval(), frozen, "cpu", edges, inst)
-                for told in (False, True):
-                    keys = [k.replace("_", "_told_", 1) if told else k for k in KEYS]
+                for blind in (True, False):
+                    keys = [k.replace("_", "_blind_", 1) if blind else k for k in KEYS]
                     if all(k in m for k in keys):
+                        told = not blind and inst is not None and model.takes_resolution
                         table.add_row(uri, "told" if told else "blind", *(f"{m[k]:.3f}" for k in keys))
             console.print(table)
 

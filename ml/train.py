@@ -353,9 +353,12 @@ def frozen_split_scores(model: QDNet, frozen: dict, device, edges,
                         instrument: np.ndarray | None = None) -> tuple[dict, dict]:
     """Scores on the frozen splits (from `read_frozen_splits`) under the names the registry compares.
 
-    The named scores are those of `qdsize predict` as it runs by default: the network is not told the resolution.
-    With the splits' `instrument` (`data.instrument_of`) and a network that takes it, `{split}_told_*` are the scores
-    with the resolution told, as `qdsize predict --resolution` does for a user who calibrated the instrument.
+    The frozen splits were all measured on one instrument, which the dataset records (`data.instrument_of`). The
+    named scores are those of the network told it, as `qdsize predict --resolution` is by a user who calibrated
+    the instrument, and as a network trained for one instrument alone (the reference work's) knows it.
+    `{split}_blind_*` are the scores without it, as `qdsize predict` runs by default. For a network that takes no
+    resolution, or splits whose instrument varies, the named scores are the blind ones (no `_blind_` names).
+    The predictions returned for the figures are those of the named scores.
     """
     told = instrument is not None and model.config.resolution_input
     scores, preds = {}, {}
@@ -363,13 +366,13 @@ def frozen_split_scores(model: QDNet, frozen: dict, device, edges,
         keys = (("size_within_0p25nm", "dispersion_within_2p5pct", "joint_within") if split == "seedgrid" else
                 ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
                  "joint_accuracy", "ece", "mean_diameter_nll", "dispersion_nll", "mean_diameter_coverage_1sigma"))
-        for prefix, res in ((split, None), *([(f"{split}_told", instrument)] if told else [])):
+        for prefix, res in ((split, instrument if told else None), *([(f"{split}_blind", None)] if told else [])):
             pred = evaluate.predict_arrays(model, x, device=device, resolution=res)
             m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
                                  lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])
             scores.update({f"{prefix}_{k}": m[k] for k in keys})
             if prefix == split:
-                preds[split] = (x, lab, pred)
+                preds[split] = (x, lab, pred, res)
     return scores, preds
 
 
@@ -377,7 +380,7 @@ def log_figures(model: QDNet, history: list[dict], preds: dict, q: np.ndarray, d
                 edges: tuple[list, list]) -> None:
     """Learning curves, confusion matrices, per-class tables and class-activation maps, as files."""
     evaluate.plot_learning_curves(history, out_dir / "learning_curves.png")
-    for split, (x, lab, pred) in preds.items():
+    for split, (x, lab, pred, resolution) in preds.items():
         for head, edge, unit, label in (("size", edges[0], "nm", "size_class"),
                                         ("dispersion", edges[1], "%", "dispersion_class")):
             pidx = pred[f"{head}_probs"].argmax(1)
@@ -388,7 +391,8 @@ def log_figures(model: QDNet, history: list[dict], preds: dict, q: np.ndarray, d
         pick = np.linspace(0, len(x) - 1, min(6, len(x))).astype(int)
         xt = torch.as_tensor(x[pick], device=device)
         model.eval()
-        cams = model.class_activation_map(xt).detach().cpu().numpy()
+        told = None if resolution is None else torch.as_tensor(resolution, device=device).expand(len(pick), -1)
+        cams = model.class_activation_map(xt, resolution=told).detach().cpu().numpy()
         titles = [f"true {lab['mean_diameter_nm'][i]:.2f} nm, {lab['size_dispersion_pct'][i]:.1f} %; predicted "
                   f"{pred['mean_diameter'][i]:.2f} +- {pred['mean_diameter_std'][i]:.2f} nm, "
                   f"{pred['dispersion'][i]:.1f} +- {pred['dispersion_std'][i]:.1f} %" for i in pick]

@@ -255,5 +255,5 @@ def test_large_dots_sized_blind_come_with_a_note_on_the_resolution():
 def test_evaluate_scores_the_frozen_splits_with_and_without_their_resolution(store, tiny_dataset):
     r = qdsize("evaluate", "models:/qdsize-pbs@champion", tiny_dataset, env_home=store["home"], uri=store["uri"])
     assert r.returncode == 0, r.stderr
-    assert "size_within_0p25nm" in r.stdout and "told" in r.stdout  # the told columns (headers wrap)
-    assert "--resolution 0.02,0.002" in r.stdout  # and which resolution they were told
+    assert "size_within_0p25nm" in r.stdout and "(blind)" in r.stdout  # the blind columns (headers wrap)
+    assert "--resolution 0.02,0.002" in r.stdout  # and which resolution the named ones were told
