@@ -134,19 +134,9 @@ class GapsConfig:
     width_inv_angstrom: tuple = _rng(0.02, 0.1, bounds=(0, 10), unit="1/A")
 
 
-@dataclass
-class SamplingConfig:
-    """A coarser measured Q step: the pattern kept at every k-th grid point (k drawn, the first point at random) and
-    brought back onto the grid by the cubic splines that `qdsize predict` resamples measured patterns with."""
-    enabled: bool = False
-    probability: float = _num(0.3, bounds=(0, 1))
-    grid_steps: tuple = _rng(2, 4, bounds=(1, 16), integer=True, unit="grid steps")
-
-
 SECTIONS = {"compton": ComptonConfig, "solvent": SolventConfig, "capillary": CapillaryConfig,
             "resolution": ResolutionConfig, "calibration": CalibrationConfig, "background": BackgroundConfig,
-            "subtraction": SubtractionConfig, "counts": CountsConfig, "scale": ScaleConfig,
-            "sampling": SamplingConfig, "gaps": GapsConfig}
+            "subtraction": SubtractionConfig, "counts": CountsConfig, "scale": ScaleConfig, "gaps": GapsConfig}
 _META = {name: {f.name: f.metadata for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
 
 
@@ -236,7 +226,6 @@ class AugmentConfig:
     subtraction: SubtractionConfig = field(default_factory=SubtractionConfig)
     counts: CountsConfig = field(default_factory=CountsConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     gaps: GapsConfig = field(default_factory=GapsConfig)
 
     @classmethod
@@ -322,7 +311,7 @@ def _prime_allocator() -> None:
 
 
 STEPS = ("compton", "solvent", "capillary", "resolution", "calibration", "background", "counts", "subtraction",
-         "scale", "sampling", "gaps")  # the physical order of the effects (and the keys of the per-effect timings)
+         "scale", "gaps")  # the physical order of the effects (and the keys of the per-effect timings)
 
 
 def _fft_friendly(n: int) -> int:
@@ -429,8 +418,7 @@ class Augmenter:
 
     Order (physical, STEPS): particle + Compton + solvent + capillary -> resolution -> Q miscalibration -> + flat and
     polynomial background -> counting (Poisson, readout) -> imperfect subtraction of solvent + capillary ->
-    overall scale -> a coarser measured Q step, resampled -> detector gaps. Everything that does not depend on the
-    sample is precomputed here.
+    overall scale -> detector gaps. Everything that does not depend on the sample is precomputed here.
     """
 
     def __init__(self, config: AugmentConfig | dict | None, q_inv_angstrom):
@@ -492,15 +480,6 @@ class Augmenter:
             x = 2.0 * (q - q[0]) / (q[-1] - q[0]) - 1.0
             deg = c.background.poly_degree
             self._t["legendre"] = np.array([np.polynomial.legendre.Legendre.basis(k)(x) for k in range(1, deg + 1)])
-        if c.sampling.enabled:  # for each step k and first point: the spline as a matrix, grid <- kept points
-            from scipy.interpolate import CubicSpline
-
-            for k in range(max(int(c.sampling.grid_steps[0]), 2), min(int(c.sampling.grid_steps[1]), n // 4) + 1):
-                for first in range(k):
-                    kept = q[first::k]
-                    weights = CubicSpline(kept, np.eye(kept.size), bc_type="not-a-knot")(q)
-                    weights[first::k] = np.eye(kept.size)  # the kept points exactly as they were
-                    self._t[f"spline{k}_{first}"] = np.ascontiguousarray(weights.T, dtype=np.float32)
         self._q_span = float(q[-1] - q[0])
 
     # -- helpers ------------------------------------------------------------------------------------------------
@@ -765,21 +744,6 @@ class Augmenter:
     def _scale(self, y, blank, s: _Batch):
         return y * self._strength(s, self.config.scale.factor, log=True)[:, None], blank
 
-    def _sampling(self, y, blank, s: _Batch):
-        c = self.config.sampling
-        on = self._gate(s, c.probability)
-        lo, hi = int(c.grid_steps[0]), int(c.grid_steps[1])
-        k = (lo + self._draw(s, (s.size,)) * (hi - lo + 1)).floor().clamp(max=hi)
-        first = (self._draw(s, (s.size,)) * k).floor()
-        out = y
-        for key, matrix in s.T.items():
-            if key.startswith("spline"):
-                kk, f = (int(v) for v in key[len("spline"):].split("_"))
-                rows = torch.nonzero(on & (k == kk) & (first == f)).flatten()
-                if rows.numel():
-                    out = out.index_copy(0, rows, y[rows, f::kk] @ matrix)
-        return out, blank
-
     def _gaps(self, y, blank, s: _Batch):
         c = self.config.gaps
         on = self._gate(s, c.probability)
@@ -849,8 +813,6 @@ GALLERY = [  # (title, {section: settings} typical, strong)
     ("Toluene 2x subtracted (3 % / 15 % short)",
      {"solvent": {"names": ["toluene"], "ratio": 2.0}, "subtraction": {"factor": 0.97}},
      {"solvent": {"names": ["toluene"], "ratio": 2.0}, "subtraction": {"factor": 0.85}}),
-    ("Measured Q step, splined back (every 2nd / 4th grid point)", {"sampling": {"grid_steps": 2}},
-     {"sampling": {"grid_steps": 4}}),
     ("Detector gaps (1 / 3)", {"gaps": {"probability": 1.0, "number": 1, "width_inv_angstrom": 0.05}},
      {"gaps": {"probability": 1.0, "number": 3, "width_inv_angstrom": 0.15}}),
 ]

@@ -61,7 +61,6 @@ def test_deterministic_with_a_seed_and_different_between_seeds(default_aug, pbs)
     ("scale", {"factor": 1.0}),
     ("gaps", {"probability": 0.0}),
     ("counts", {"probability": 0.0}),
-    ("sampling", {"grid_steps": 1}),
 ])
 def test_zero_strength_is_the_identity(section, settings, pbs):
     x = batch_of(pbs, 8)
@@ -225,27 +224,6 @@ def test_output_finite_and_nonnegative_where_it_must(pbs):
         assert torch.isfinite(y).all()
     y = augment.Augmenter(raw, Q)(x, torch.Generator().manual_seed(5))
     assert (y >= 0).all()  # raw (unsubtracted) intensities and counts are never negative
-
-
-def test_a_coarser_measured_step_is_splined_back_as_predict_resamples_it(pbs):
-    from qdsize.sim import measured
-
-    x = batch_of(pbs, 40).double()
-    aug = augment.Augmenter(only(sampling={"probability": 1.0, "grid_steps": [2, 4]}), Q)
-    y = aug(x, torch.Generator().manual_seed(2))
-    kept = set()
-    for row, out in zip(x.numpy(), y.numpy()):
-        # the kept points stay as they were; the rest is what `qdsize predict` makes of the kept points alone
-        match = [(k, f) for k in (2, 3, 4) for f in range(k) if np.array_equal(out[f::k], row[f::k])]
-        assert len(match) >= 1
-        k, f = match[0]
-        kept.add(k)
-        cov = slice(f, len(Q) - (len(Q) - 1 - f) % k)  # inside the kept points' range
-        resampled, _, _ = measured.resample(measured.MeasuredPattern(Q[f::k], row[f::k], None, "t", "q_A"), Q)
-        np.testing.assert_allclose(out[cov], resampled[cov], rtol=2e-6, atol=1e-6 * row.max())
-    assert kept == {2, 3, 4}
-    cubic = torch.as_tensor(1.0 + Q - 0.05 * Q ** 3)[None].repeat(8, 1)
-    np.testing.assert_allclose(aug(cubic, torch.Generator().manual_seed(3)), cubic, rtol=1e-6)  # exact splines
 
 
 def test_works_on_other_grids_and_devices_dtype(pbs):
