@@ -13,6 +13,7 @@ width, which a network reads as smaller dots; the bias of large dots shows it.
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
@@ -54,14 +55,14 @@ def main() -> None:
         linear = np.stack([np.interp(q, q[idx], row[idx]) for row in x]).astype(np.float32)
         inputs[k] = {"qdsize (spline)": spline, "linear (peer)": linear}
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)  # piped or saved: not cut to 80 columns
     for uri in args.models:
         model = pr.load(uri)
         told_ok = instrument is not None and model.takes_resolution
         table = Table(title=f"{uri}: {len(x)} benchmark patterns, measured every k-th grid point "
                             f"(grid step {q[1] - q[0]:.4f} 1/A)", title_justify="left")
         for col in ("step 1/A", "resampling", "resolution", "MAE nm", f"bias >= {LARGE_NM:g} nm",
-                    f"MAE >= {LARGE_NM:g} nm", "disp. MAE pts", "MAE / peer's"):
+                    f"MAE >= {LARGE_NM:g} nm", "disp. MAE pts", "peer MAE / qdsize MAE"):
             table.add_column(col, justify="right")
         for k in steps:
             for told in ([True, False] if told_ok else [False]):
