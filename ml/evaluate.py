@@ -23,6 +23,12 @@ def class_of(values, edges) -> np.ndarray:
     return np.clip(np.searchsorted(np.asarray(edges, dtype=np.float64), v, side="right") - 1, 0, len(edges) - 2)
 
 
+def frozen_protocols(split: str, instrument: np.ndarray | None) -> list[tuple[str, np.ndarray | None]]:
+    """The (name, resolution) pairs a frozen split is scored under: told its recorded `instrument` under the split's
+    own name and blind under `{split}_blind`; blind alone, under its own name, when there is no instrument to tell."""
+    return [(split, None)] if instrument is None else [(split, instrument), (f"{split}_blind", None)]
+
+
 @torch.no_grad()
 def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None = None,
                    batch_size: int | None = None, device: torch.device | str = "cpu",

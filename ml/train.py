@@ -366,7 +366,7 @@ def frozen_split_scores(model: QDNet, frozen: dict, device, edges,
         keys = (("size_within_0p25nm", "dispersion_within_2p5pct", "joint_within") if split == "seedgrid" else
                 ("mean_diameter_mae_nm", "dispersion_mae_pct", "size_accuracy", "dispersion_accuracy",
                  "joint_accuracy", "ece", "mean_diameter_nll", "dispersion_nll", "mean_diameter_coverage_1sigma"))
-        for prefix, res in ((split, instrument if told else None), *([(f"{split}_blind", None)] if told else [])):
+        for prefix, res in evaluate.frozen_protocols(split, instrument if told else None):
             pred = evaluate.predict_arrays(model, x, device=device, resolution=res)
             m = evaluate.metrics(pred, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
                                  lab["dispersion_class"], size_edges_nm=edges[0], dispersion_edges_pct=edges[1])

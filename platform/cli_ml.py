@@ -94,6 +94,7 @@ def evaluate(
     """Score a model on dataset splits (the frozen ones by default) with the training metrics and figures."""
     from qdsize.ml import data, evaluate as ev, predict
     from qdsize.platform import tracking
+    from qdsize.platform.config import FROZEN_SPLITS
 
     tracking.setup(tracking_uri)
     pred_model = predict.load(model_uri)
@@ -106,11 +107,10 @@ def evaluate(
     rows = {}
     for s in split:
         x, lab = data.read_split(dataset, s)
-        told = instrument if s in ("benchmark", "seedgrid") else None
-        for name, res in ((s, told), *([(f"{s} (blind)", None)] if told is not None else [])):
+        for name, res in ev.frozen_protocols(s, instrument if s in FROZEN_SPLITS else None):
             p = ev.predict_arrays(pred_model.model, x, resolution=res)
-            rows[name] = ev.metrics(p, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"],
-                                    lab["dispersion_class"])
+            rows[name.replace("_blind", " (blind)")] = ev.metrics(
+                p, lab["mean_diameter_nm"], lab["size_dispersion_pct"], lab["size_class"], lab["dispersion_class"])
             if out is not None and name == s:
                 out.mkdir(parents=True, exist_ok=True)
                 for head, edges, unit, label in (("size", ev.SIZE_EDGES_NM, "nm", "size_class"),
