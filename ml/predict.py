@@ -29,6 +29,8 @@ class Predictor:
     model_uri: str = ""
     card: dict = field(default_factory=dict)
     physics: ood.PhysicsCheck | None = None  # is it this material's scattering at all (None: not checked)
+    model_version: str = ""  # the registry version or the release that answers (reported with every answer)
+    model_run_id: str = ""  # the training run it came from
 
     # ---- persistence: plain tensors (loaded with weights_only=True) and JSON, never pickled code
     def save(self, folder: str | Path, card: dict | None = None) -> Path:
@@ -112,6 +114,8 @@ class Predictor:
                 "material_evidence": None if np.isnan(evidence[i]) else round(float(evidence[i]), 4),
                 "out_of_distribution": bool(pred["ood_score"][i] > threshold or unlike[i]),
                 "model_uri": self.model_uri,
+                "model_version": self.model_version or None,
+                "model_run_id": self.model_run_id or None,
             })
         return out
 
@@ -146,7 +150,9 @@ try:
         `model_uri`, the URI reported in the output."""
 
         def load_context(self, context):
-            self.predictor = Predictor.load(context.artifacts["qdsize_model"])
+            folder = Path(context.artifacts["qdsize_model"])
+            release = builtin(folder.parent.parent)  # a release bundle answers under its builtin: name
+            self.predictor = release if release is not None else Predictor.load(folder)
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
@@ -163,36 +169,53 @@ except ImportError:  # pragma: no cover - mlflow is a dependency; this keeps ml/
 PYFUNC_PARAMS = {"resolution": "", "model_uri": ""}  # the pyfunc's params and their defaults
 
 
+def _pyfunc_args(predictor: Predictor, example: np.ndarray, tmp: str) -> dict:
+    """What mlflow.pyfunc.log_model and save_model take for a qdsize model: code (nothing pickled), the model folder
+    as an artifact, signature with params, input example."""
+    from mlflow.models import infer_signature
+
+    folder = predictor.save(Path(tmp) / "qdsize_model")
+    example = np.asarray(example, dtype=np.float32)
+    out = PyfuncModel()
+    out.predictor = predictor
+    sig = infer_signature(example, out.predict(None, example), params=PYFUNC_PARAMS)
+    code = str(Path(__file__).with_name("pyfunc_model.py"))  # models from code: no pickled Python object
+    return dict(python_model=code, artifacts={"qdsize_model": str(folder)}, signature=sig, input_example=example,
+                pip_requirements=["torch", "numpy", "pandas", "mlflow"])
+
+
 def log_pyfunc(predictor: Predictor, example: np.ndarray, name: str = "model") -> str:
     """Log the predictor as an MLflow pyfunc with signature and input example; returns the model URI."""
     import tempfile
 
     import mlflow
-    from mlflow.models import infer_signature
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = predictor.save(Path(tmp) / "qdsize_model")
-        example = np.asarray(example, dtype=np.float32)
-        out = PyfuncModel()
-        out.predictor = predictor
-        sig = infer_signature(example, out.predict(None, example), params=PYFUNC_PARAMS)
-        code = str(Path(__file__).with_name("pyfunc_model.py"))  # models from code: no pickled Python object
-        info = mlflow.pyfunc.log_model(name=name, python_model=code, artifacts={"qdsize_model": str(folder)},
-                                       signature=sig, input_example=example,
-                                       pip_requirements=["torch", "numpy", "pandas", "mlflow"])
+        info = mlflow.pyfunc.log_model(name=name, **_pyfunc_args(predictor, example, tmp))
     return info.model_uri
 
 
+def save_pyfunc(predictor: Predictor, example: np.ndarray, path: str | Path) -> Path:
+    """Write the predictor as an MLflow pyfunc model folder (servable by `mlflow models serve -m PATH`)."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.pyfunc.save_model(path=str(path), **_pyfunc_args(predictor, example, tmp))
+    return Path(path)
+
+
 def load(model_uri: str) -> Predictor:
-    """A Predictor from a local folder or any MLflow model URI (models:/NAME@alias, models:/m-..., runs:/...)."""
-    if model_uri.startswith("builtin:"):
-        found = builtin()
-        if found is None:
-            raise InputError(f"model = {model_uri!r}: no released model is installed with this qdsize")
-        return found
+    """A Predictor from a local folder or any MLflow model URI (models:/NAME@alias, models:/m-..., runs:/...), or
+    the released model (`builtin`, `builtin:qdsize-pbs`, `builtin:qdsize-pbs/VERSION`)."""
+    if model_uri == "builtin" or model_uri.startswith("builtin:"):
+        return builtin_or_error(model_uri)
     p = Path(model_uri)
     if p.is_dir():
-        return Predictor.load(p, str(p))
+        if (p / "MLmodel").exists() and (p / "artifacts" / "qdsize_model").is_dir():  # a pyfunc folder (a bundle)
+            p = p / "artifacts" / "qdsize_model"
+        return Predictor.load(p, model_uri)
     import mlflow
 
     try:
@@ -205,12 +228,46 @@ def load(model_uri: str) -> Predictor:
     return wrapper.predictor
 
 
-RELEASED_DIR = Path(__file__).with_name("released")
+# The released model: an MLflow pyfunc folder shipped as package data, written only by `qdsize model export`.
+RELEASED_NAME = "qdsize-pbs"
+RELEASED_DIR = Path(__file__).with_name("released") / RELEASED_NAME
+RELEASED_MODEL_DIR = RELEASED_DIR / "artifacts" / "qdsize_model"
+CARD_JSON = "model_card.json"
+CARD_MD = "MODEL_CARD.md"
 
 
-def builtin() -> Predictor | None:
-    """The small released PbS model shipped in the package (`builtin:` URI), when present."""
-    if not (RELEASED_DIR / WEIGHTS).exists():
+def released_card(folder: str | Path | None = None) -> dict | None:
+    """The machine-readable model card of a release bundle (the installed one by default), or None."""
+    path = Path(RELEASED_DIR if folder is None else folder) / CARD_JSON
+    if not path.exists():
         return None
-    p = Predictor.load(RELEASED_DIR, "builtin:qdsize-pbs")
+    return json.loads(path.read_text())
+
+
+def builtin(folder: str | Path | None = None) -> Predictor | None:
+    """The released PbS model shipped in the package (`builtin:qdsize-pbs/VERSION`), when present."""
+    folder = Path(RELEASED_DIR if folder is None else folder)
+    card = released_card(folder)
+    if card is None or not (folder / "artifacts" / "qdsize_model" / WEIGHTS).exists():
+        return None
+    version = card["release"]["version"]
+    p = Predictor.load(folder / "artifacts" / "qdsize_model", f"builtin:{RELEASED_NAME}/{version}")
+    p.model_version = version
+    p.model_run_id = card.get("source", {}).get("run_id", "")
+    p.card["release"] = card
     return p
+
+
+def builtin_or_error(model_uri: str = "builtin") -> Predictor:
+    """`builtin`, `builtin:qdsize-pbs` or `builtin:qdsize-pbs/VERSION` (the installed version only)."""
+    found = builtin()
+    if found is None:
+        raise InputError(f"model = {model_uri!r}: no released model is installed with this qdsize")
+    name, _, version = model_uri.partition(":")[2].partition("/")
+    if name not in ("", RELEASED_NAME):
+        raise InputError(f"model = {model_uri!r}: no released model of that name; expected "
+                         f"builtin:{RELEASED_NAME}")
+    if version and version != found.model_version:
+        raise InputError(f"model = {model_uri!r}: release {version!r} is not installed; this qdsize ships "
+                         f"{found.model_uri}")
+    return found

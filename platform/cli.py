@@ -190,8 +190,14 @@ def dataset_show(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the app, turning input errors into one line on stderr and exit code 2."""
+    import os
+    import warnings
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars around answers
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")  # MLflow's, coloured
     import qdsize.platform.cli_ml  # noqa: F401  (registers train, evaluate, sweep, predict, ui)
     import qdsize.platform.cli_refine  # noqa: F401  (registers refine)
+    import qdsize.platform.cli_model  # noqa: F401  (registers model list, info, export)
 
     try:
         app(args=argv, standalone_mode=False)

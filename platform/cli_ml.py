@@ -183,26 +183,11 @@ def _print_scores(result: dict) -> None:
 
 
 def resolve_model(model_uri: str | None, tracking_uri: str | None):
-    """--model, else the tracking store's champion, else the released model shipped with qdsize."""
-    from qdsize.ml import predict as pr
-    from qdsize.platform import tracking
+    """--model, else the tracking store's champion unless the released model scores better, else the released model
+    (platform.models.resolve); a passed-over champion is named on stderr."""
+    from qdsize.platform import models
 
-    if model_uri:
-        if model_uri.startswith("models:/") or model_uri.startswith("runs:/"):
-            tracking.setup(tracking_uri)
-        return pr.load(model_uri)
-    uri = tracking.tracking_uri(tracking_uri)
-    if not tracking.is_local(uri) or (uri.startswith("sqlite:///") and Path(uri[len("sqlite:///"):]).exists()):
-        tracking.setup(tracking_uri)
-        champ = tracking.champion_uri()
-        if champ:
-            return pr.load(champ)
-    builtin = pr.builtin()
-    if builtin is not None:
-        return builtin
-    raise InputError(f"--model: none given, no '{tracking.REGISTERED_MODEL}@champion' in {uri}, and no released "
-                     "model installed; expected --model URI, or train one first (`make quickstart` or "
-                     "`qdsize sweep conf/sweep/acnn.yaml`)")
+    return models.resolve(model_uri, tracking_uri, warn=lambda m: typer.echo(f"qdsize: warning: {m}", err=True))
 
 
 @app.command()
@@ -370,4 +355,7 @@ def _emit(rows: list[dict], fmt: str) -> None:
                       _flag(r))
     Console().print(table)
     if rows:
-        Console().print(f"model: {rows[0]['model_uri']}")
+        r = rows[0]
+        extra = ", ".join(x for x in (f"version {r['model_version']}" if r.get("model_version") else "",
+                                      f"run {r['model_run_id']}" if r.get("model_run_id") else "") if x)
+        Console().print(f"model: {r['model_uri']}" + (f" ({extra})" if extra else ""))

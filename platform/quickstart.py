@@ -137,10 +137,14 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
     from qdsize.platform.cli_ml import resolve_model
     from qdsize.sim import measured
 
-    predictor = resolve_model(None, None)
+    champion = "models:/qdsize-pbs@champion"
+    predictor = resolve_model(champion, None)  # the sweep's own champion, whatever else is installed
+    from qdsize.ml.predict import builtin
+
+    released = builtin()  # and the released model beside it, when this qdsize ships one
     files = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".xy", ".xye", ".dat", ".chi", ".csv"))
     table = Table("example", "true D (nm)", "predicted D (nm)", "true disp. (%)", "predicted disp. (%)",
-                  "size class ok")
+                  "size class ok", *(["released model D (nm)"] if released is not None else []))
     rows = []
     for f in files:
         lam = WAVELENGTH.search(f.read_text(encoding="utf-8")[:2000]) if f.suffix == ".chi" else None
@@ -150,14 +154,22 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
         truth = true_labels(f)
         ok = truth is not None and res["size_class"][0] <= truth[0] < res["size_class"][1]
         rows.append({"file": f.name, "true": truth, **res})
+        extra = []
+        if released is not None:
+            yr, mr, _ = measured.resample(pat, released.q_inv_angstrom)
+            rel = released.predict(yr[None], mr[None])[0]
+            rows[-1]["released"] = rel
+            extra = [f"{rel['mean_diameter_nm']:.2f} ± {rel['mean_diameter_std_nm']:.2f}"]
         table.add_row(f.name, f"{truth[0]:.2f}" if truth else "?",
                       f"{res['mean_diameter_nm']:.2f} ± {res['mean_diameter_std_nm']:.2f}",
                       f"{truth[1]:.1f}" if truth else "?",
-                      f"{res['size_dispersion_pct']:.1f} ± {res['size_dispersion_std_pct']:.1f}", "yes" if ok else "no")
+                      f"{res['size_dispersion_pct']:.1f} ± {res['size_dispersion_std_pct']:.1f}", "yes" if ok else "no",
+                      *extra)
     console.print(table)
-    console.print(f"model: {predictor.model_uri}")
+    console.print(f"model: {predictor.model_uri} (version {predictor.model_version})"
+                  + (f"; released model: {released.model_uri}" if released is not None else ""))
     (out_dir / "predictions.json").write_text(json.dumps(rows, indent=1))
-    _cli(cli, ["predict", str(files[0]), "--plot", str(out_dir / "prediction.png")])
+    _cli(cli, ["predict", str(files[0]), "--model", champion, "--plot", str(out_dir / "prediction.png")])
 
     console.rule("[bold]where everything is")
     console.print(f"workspace        {ws}\n"

@@ -60,3 +60,34 @@ def tiny_dataset(tmp_path_factory):
         else:
             os.environ["QDSIZE_HOME"] = old
     return root / "ds"
+
+
+@pytest.fixture(scope="session")
+def champion_store(tiny_dataset, tmp_path_factory):
+    """A temporary SQLite store holding one trained (3 epochs on the tiny dataset), registered champion."""
+    import mlflow
+
+    from qdsize.ml.train import TrainConfig, train
+    from qdsize.platform import config as conf
+    from qdsize.platform import tracking
+
+    home = tmp_path_factory.mktemp("predict-home")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    old = os.environ.get("QDSIZE_HOME")
+    os.environ["QDSIZE_HOME"] = str(home)
+    try:
+        mlflow.set_tracking_uri(uri)
+        exp = tracking.ensure_experiment("qdsize-tiny")
+        cfg = conf.from_dict(TrainConfig, {
+            "dataset": str(tiny_dataset), "epochs": 3, "batch_size": 64, "threads": 2,
+            "model": {"channels": [16, 32, 48], "kernels": [9, 5, 3], "strides": [4, 4, 2], "dropout": 0.0},
+            "augment": {"preset": "default"}}, "train")
+        res = train(cfg, tracking_uri=uri, experiment_id=exp, progress=False)
+        tracking.register(res["model_uri"], {k: v for k, v in res.items() if k.startswith("benchmark_")},
+                          run_id=res["run_id"])
+    finally:
+        if old is None:
+            os.environ.pop("QDSIZE_HOME", None)
+        else:
+            os.environ["QDSIZE_HOME"] = old
+    return {"home": home, "uri": uri, "run_id": res["run_id"]}

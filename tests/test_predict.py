@@ -11,36 +11,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from qdsize.platform import config as conf
-from qdsize.platform import tracking
 from qdsize.platform.mlflow_server import free_port
 from qdsize.sim import measured, pattern, scattering
 
 
 @pytest.fixture(scope="module")
-def store(tiny_dataset, tmp_path_factory):
-    """A temporary SQLite store holding one trained, registered champion."""
-    from qdsize.ml.train import TrainConfig, train
-
-    home = tmp_path_factory.mktemp("predict-home")
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    old = os.environ.get("QDSIZE_HOME")
-    os.environ["QDSIZE_HOME"] = str(home)
-    try:
-        mlflow.set_tracking_uri(uri)
-        exp = tracking.ensure_experiment("qdsize-tiny")
-        cfg = conf.from_dict(TrainConfig, {
-            "dataset": str(tiny_dataset), "epochs": 3, "batch_size": 64, "threads": 2,
-            "model": {"channels": [16, 32, 48], "kernels": [9, 5, 3], "strides": [4, 4, 2], "dropout": 0.0},
-            "augment": {"preset": "default"}}, "train")
-        res = train(cfg, tracking_uri=uri, experiment_id=exp, progress=False)
-        tracking.register(res["model_uri"], {k: v for k, v in res.items() if k.startswith("benchmark_")})
-    finally:
-        if old is None:
-            os.environ.pop("QDSIZE_HOME", None)
-        else:
-            os.environ["QDSIZE_HOME"] = old
-    return {"home": home, "uri": uri}
+def store(champion_store):
+    """A temporary SQLite store holding one trained, registered champion (conftest)."""
+    return champion_store
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +52,11 @@ def sample_files(tmp_path_factory):
     return files
 
 
-def qdsize(*args, env_home=None, uri=None, timeout=300):
+def qdsize(*args, env_home=None, uri=None, timeout=300, champion=True):
+    """`qdsize ARGS` as a subprocess; `predict` is pointed at the store's champion (the tiny champion of these tests
+    scores below the released model, which would answer otherwise: tests/test_release.py checks that rule)."""
+    if champion and args and args[0] == "predict" and "--model" not in args:
+        args = (*args, "--model", "models:/qdsize-pbs@champion")
     env = {**os.environ}
     if env_home:
         env["QDSIZE_HOME"] = str(env_home)
@@ -159,13 +141,16 @@ def test_a_batch_reports_good_files_and_one_line_per_bad_file(store, sample_file
         assert any(name in e for e in errors), name
 
 
-def test_no_model_anywhere_says_how_to_make_one(tmp_path, sample_files):
+def test_no_model_anywhere_says_how_to_make_one(tmp_path, monkeypatch):
     from qdsize.ml import predict as pr
+    from qdsize.platform import models
+    from qdsize.sim.errors import InputError
 
-    if pr.builtin() is not None:
-        pytest.skip("a released model is installed: it answers instead")
-    r = qdsize("predict", sample_files[("xy", "q_A")], env_home=tmp_path, uri=f"sqlite:///{tmp_path / 'm.db'}")
-    assert r.returncode == 2 and "--model" in r.stderr and "quickstart" in r.stderr and "Traceback" not in r.stderr
+    monkeypatch.setattr(pr, "RELEASED_DIR", tmp_path / "no-release")  # a qdsize installed without its model
+    monkeypatch.setenv("QDSIZE_HOME", str(tmp_path / "home"))
+    with pytest.raises(InputError, match="no released model installed") as err:
+        models.resolve(None, f"sqlite:///{tmp_path / 'm.db'}")
+    assert "--model" in str(err.value) and "quickstart" in str(err.value)
 
 
 def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
