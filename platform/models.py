@@ -286,6 +286,8 @@ def build_card(model_uri: str, *, figures: list[Path] = (), dataset: str | None 
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
@@ -329,7 +331,9 @@ def card_markdown(card: dict) -> str:
         keys = [k for k in ("n", "within_0p25nm", "mae_nm", "bias_nm", "dispersion_mae_pct", "coverage_1sigma",
                             "coverage_2sigma", "flagged", "refused") if any(k in r for _, r in rows)]
         if rows:
-            lines += ["| resolution | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+            short = {"within_0p25nm": "within 0.25 nm", "mae_nm": "MAE nm", "bias_nm": "bias nm",
+                     "dispersion_mae_pct": "disp. MAE", "coverage_1sigma": "1 sigma", "coverage_2sigma": "2 sigma"}
+            lines += ["| | " + " | ".join(short.get(k, k) for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
             lines += [f"| {mode} | " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for mode, r in rows]
         per_bin = b.get("per_bin") or {}
         if per_bin:

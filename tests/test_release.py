@@ -131,6 +131,7 @@ def test_a_worse_champion_is_passed_over_by_name_and_a_good_one_answers(champion
     # a store whose champion is as good as the release (the release itself, logged and registered): it answers
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("release-as-champion")
     with mlflow.start_run() as run:
         logged = pr.log_pyfunc(pr.builtin(), np.ones((1, len(RELEASED.q_inv_angstrom)), np.float32))
     tracking.register(logged, RELEASED.card["release"]["scores"], run_id=run.info.run_id)
