@@ -18,6 +18,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+quickstart: export QDSIZE_HOME ?= $(CURDIR)/.qdsize
 quickstart: $(STAMP)
 	$(BIN)/python -m qdsize.platform.quickstart
 

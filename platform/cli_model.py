@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -30,18 +29,15 @@ def _store_exists(tracking_uri: str | None) -> bool:
 @model_app.command("list")
 def list_models(tracking_uri: Optional[str] = TRACKING):
     """The released model shipped with qdsize and every registered version in the tracking store."""
-    from rich.console import Console
-    from rich.table import Table
-
     from qdsize.ml import predict as pr
-    from qdsize.platform import models, tracking
+    from qdsize.platform import models, textout, tracking
 
-    table = Table("model", "aliases", "run", "frozen splits (told)", "note")
+    table = []
     released = pr.builtin()
     if released is not None:
         card = released.card["release"]
-        table.add_row(released.model_uri, "", card["source"]["run_id"][:12], models.headline(card["scores"]),
-                      "released with qdsize")
+        table.append([released.model_uri, "-", card["source"]["run_id"][:12], models.headline(card["scores"]),
+                      "released with qdsize"])
     uri = tracking.tracking_uri(tracking_uri)
     if _store_exists(tracking_uri):
         from mlflow import MlflowClient
@@ -53,10 +49,10 @@ def list_models(tracking_uri: Optional[str] = TRACKING):
             for alias, version in (client.get_registered_model(rm.name).aliases or {}).items():
                 aliases.setdefault(str(version), []).append(alias)
             for v in sorted(client.search_model_versions(f"name='{rm.name}'"), key=lambda v: int(v.version)):
-                table.add_row(f"models:/{rm.name}/{v.version}", ", ".join(aliases.get(str(v.version), [])),
-                              (v.run_id or "")[:12],
-                              models.headline(models._registry_scores(v)), v.tags.get("decision", ""))
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+                table.append([f"models:/{rm.name}/{v.version}", ", ".join(aliases.get(str(v.version), [])) or "-",
+                              (v.run_id or "")[:12] or "-",
+                              models.headline(models._registry_scores(v)), v.tags.get("decision", "") or "-"])
+    textout.table(["model", "aliases", "run", "frozen splits (told)", "note"], table)
     chosen = models.resolve(None, tracking_uri, warn=lambda m: None) if (released or _store_exists(tracking_uri)) \
         else None
     typer.echo(f"tracking store: {uri}" + ("" if _store_exists(tracking_uri) else " (none yet)"))
@@ -90,8 +86,8 @@ def info(
         return
     typer.echo(models.card_markdown(card))
     if model_uri == "builtin" or model_uri.startswith("builtin:"):
-        typer.echo(f"bundle: {pr.RELEASED_DIR}\nserve:  mlflow models serve -m {pr.RELEASED_DIR} --env-manager local "
-                   "--host 127.0.0.1 --port 5001")
+        typer.echo(f"bundle: {pr.RELEASED_DIR}\nserve:  MLFLOW_TRACKING_URI={tracking.tracking_uri(tracking_uri)} "
+                   f"mlflow models serve -m {pr.RELEASED_DIR} --env-manager local --host 127.0.0.1 --port 5001")
 
 
 @model_app.command("export")

@@ -114,8 +114,12 @@ def resolve(model_uri: str | None = None, tracking_uri: str | None = None,
             return champion
     if released is not None:
         return released
-    raise InputError(f"--model: none given, no '{tracking.REGISTERED_MODEL}@champion' in {uri}, and no released "
-                     "model installed; expected --model URI, or train one first (`make quickstart` or "
+    from qdsize.platform.workspace import locate
+
+    where, how = locate()
+    raise InputError(f"--model: none given, no '{tracking.REGISTERED_MODEL}@champion' in {uri} (workspace {where}: "
+                     f"{how}), and no released model installed; expected --model URI, QDSIZE_HOME or "
+                     "--tracking-uri naming a store with a champion, or train one first (`make quickstart` or "
                      "`qdsize sweep conf/sweep/acnn.yaml`)")
 
 

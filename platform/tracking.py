@@ -8,6 +8,8 @@ from pathlib import Path
 from qdsize.platform.workspace import home
 from qdsize.sim.errors import InputError
 
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # runs and models stay on the user's machine
+
 REGISTERED_MODEL = "qdsize-pbs"
 CHAMPION = "champion"
 # how versions are compared on the frozen benchmark split: (metric, higher is better), in order of precedence
@@ -20,7 +22,7 @@ def tracking_uri(explicit: str | None = None) -> str:
     uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return f"sqlite:///{home() / 'mlflow.db'}"
+    return f"sqlite:///{home(create=False) / 'mlflow.db'}"
 
 
 def is_local(uri: str) -> bool:
@@ -32,6 +34,8 @@ def setup(explicit: str | None = None) -> str:
     import mlflow
 
     uri = tracking_uri(explicit)
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     if uri.startswith("http"):
         import urllib.request
