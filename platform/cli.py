@@ -11,7 +11,76 @@ import typer
 from qdsize.sim.errors import InputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Size and size dispersion of colloidal quantum dots from X-ray total scattering.")
+                  help="Size and size dispersion of colloidal quantum dots from X-ray total scattering.",
+                  epilog="Workspace: $QDSIZE_HOME if set, else a .qdsize/ folder in the current folder or one above "
+                         "it, else the per-user data folder; `qdsize workspace` says which. Bad input ends in one "
+                         "line on stderr and exit 2.")
+
+
+def version_text() -> str:
+    """qdsize's version, the released model it ships and the workspace in use."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from qdsize.platform.workspace import locate
+
+    try:
+        mine = version("qdsize")
+    except PackageNotFoundError:
+        mine = "unknown (not installed)"
+    try:
+        from qdsize.ml.predict import released_card
+
+        card = released_card()
+        release = f"builtin:{card['name']}/{card['release']['version']}" if card else "none installed"
+    except Exception as exc:  # a damaged bundle must not hide the version
+        release = f"unreadable ({exc})"
+    where, how = locate()
+    return f"qdsize {mine}\nreleased model: {release}\nworkspace: {where} ({how})"
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(version_text())
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version, the released model and the workspace, and exit.")):
+    """Size and size dispersion of colloidal quantum dots from X-ray total scattering."""
+
+
+@app.command()
+def workspace(tracking: bool = typer.Option(False, "--tracking-uri", help="Print only the tracking URI.")):
+    """Where qdsize keeps datasets, caches and the MLflow store, how it was found, and what it holds."""
+    from qdsize.platform import tracking as trk
+    from qdsize.platform.workspace import locate
+
+    if tracking:
+        typer.echo(trk.tracking_uri())
+        return
+    where, how = locate()
+    typer.echo(f"workspace: {where}\nfound by:  {how}\ntracking:  {trk.tracking_uri()}")
+    if where.is_dir():
+        held = sorted(p.name for p in where.iterdir())
+        typer.echo(f"holds:     {', '.join(held) if held else 'nothing yet'}")
+    else:
+        typer.echo("holds:     nothing yet (created on first use)")
+
+
+def pattern_label(params: dict) -> str:
+    """A simulated pattern's legend: what it is made of and every parameter that shapes it."""
+    if "xyz" in params:
+        head = str(params["xyz"])
+    else:
+        head = (f"{params['material']} {params['shape']}, {params['mean_diameter_nm']:.2f} nm, dispersion "
+                f"{float(params.get('size_dispersion_pct', 0.0)):.1f} %, surface {params.get('surface', '-')}")
+    b = params.get("b_iso")
+    if isinstance(b, dict):
+        b_text = ", ".join(f"{el} {float(v):g}" for el, v in b.items())
+    else:
+        b_text = f"{float(b or 0.0):g}"
+    return f"{head}; B ({b_text}) A^2"
 
 
 def parse_b_iso(text: str):
@@ -81,8 +150,7 @@ def pattern(
     if plot is not None:
         from qdsize.platform.figures import plot_patterns
 
-        label = str(xyz) if xyz else f"{params['material']} {params['shape']} {params['mean_diameter_nm']:.2f} nm"
-        plot_patterns(plot, [(q, pat.intensity, label)], title="qdsize pattern")
+        plot_patterns(plot, [(q, pat.intensity, pattern_label(params))], title="qdsize pattern")
     typer.echo(f"wrote {out} ({q.size} points, {params.get('mean_atoms_per_particle', params.get('n_atoms'))} atoms)")
 
 
@@ -137,29 +205,23 @@ app.add_typer(dataset_app, name="dataset")
 @dataset_app.command("info")
 def dataset_info(path: Path = typer.Argument(..., help="Dataset folder (holds manifest.json).")):
     """Validate every shard's checksum and row count, and print the dataset summary."""
-    from rich.console import Console
-    from rich.table import Table
-
     from qdsize.platform import dataset as ds
+    from qdsize.platform import textout
 
     manifest, problems = ds.validate(path)
-    con = Console()
-    t = Table(title=f"{manifest['name']}  config {manifest['config_hash']}  status {manifest['status']}")
-    for c in ("split", "shards", "rows", "MB", "bytes/pattern", "nodes"):
-        t.add_column(c)
-    for r in ds.summary_rows(manifest):
-        t.add_row(r["split"], str(r["shards"]), f"{r['rows']:,}", f"{r['bytes'] / 1e6:.2f}",
-                  f"{r['bytes_per_pattern']:,.0f}", ", ".join(r["nodes"]) or "-")
-    con.print(t)
+    textout.table(["split", "shards", "rows", "MB", "bytes/pattern", "nodes"],
+                  [[r["split"], str(r["shards"]), f"{r['rows']:,}", f"{r['bytes'] / 1e6:.2f}",
+                    f"{r['bytes_per_pattern']:,.0f}", ", ".join(r["nodes"]) or "-"] for r in ds.summary_rows(manifest)],
+                  title=f"{manifest['name']}  config {manifest['config_hash']}  status {manifest['status']}")
     q = manifest["q_inv_angstrom"]
-    con.print(f"Q grid: {q[0]:g}-{q[-1]:g} 1/A, {len(q)} points; families: {len(manifest['families'])}; "
-              f"size classes (nm): {manifest['labels']['size_class_edges_nm']}; dispersion classes (%): "
-              f"{manifest['labels']['dispersion_class_edges_pct']}")
+    typer.echo(f"Q grid: {q[0]:g}-{q[-1]:g} 1/A, {len(q)} points; families: {len(manifest['families'])}; "
+               f"size classes (nm): {manifest['labels']['size_class_edges_nm']}; dispersion classes (%): "
+               f"{manifest['labels']['dispersion_class_edges_pct']}")
     if problems:
         for p in problems:
             typer.echo(f"qdsize: invalid: {p}", err=True)
         raise SystemExit(1)  # main() maps SystemExit codes through
-    con.print(f"ok: {len(manifest['shards'])} shards, checksums verified")
+    typer.echo(f"ok: {len(manifest['shards'])} shards, checksums verified")
 
 
 @dataset_app.command("show")
@@ -177,8 +239,7 @@ def dataset_show(
         raise InputError(f"--split = {split!r}: expected one of train, val, test, benchmark, seedgrid")
     q = ds.q_grid(path)
     row = ds.read_row(path, split, index)
-    label = (f"{row['mean_diameter_nm']:.2f} nm, {row['size_dispersion_pct']:.1f} % (classes "
-             f"{row['size_class']}, {row['dispersion_class']}); {row['shape']}, {row['surface']}")
+    label = sample_label(row, ds.read_manifest(path)["labels"])
     curves = [(q, row["pattern"], label)]
     if "pattern_clean" in row:
         curves = [(q, row["pattern_clean"], "clean"), (q, row["pattern"], f"augmented ({row['augment_preset']})")]
@@ -188,34 +249,80 @@ def dataset_show(
     typer.echo(f"wrote {out}")
 
 
+NO_PHONING_HOME = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "DO_NOT_TRACK": "true"}
+
+
+def sample_label(row: dict, labels: dict) -> str:
+    """A dataset sample's legend: its labels, its classes as ranges (not indices), shape and surface."""
+    s_lo, s_hi = labels["size_class_edges_nm"][row["size_class"]:row["size_class"] + 2]
+    d_lo, d_hi = labels["dispersion_class_edges_pct"][row["dispersion_class"]:row["dispersion_class"] + 2]
+    return (f"{row['mean_diameter_nm']:.2f} nm, {row['size_dispersion_pct']:.1f} % (classes {s_lo:g}-{s_hi:g} nm, "
+            f"{d_lo:g}-{d_hi:g} %); {row['shape']}, {row['surface']}")
+
+
+def _quiet_showwarning(message, category, filename, lineno, file=None, line=None):
+    """Warnings as one plain line on stderr; the libraries' own (MLflow, Ray, Optuna, torch) are not ours to show."""
+    import re
+
+    if re.search(r"[/\\](mlflow|ray|optuna|torch|pydantic|alembic|sqlalchemy)[/\\]", str(filename)):
+        return
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(message)).strip().replace("\n", " ")
+    typer.echo(f"qdsize: warning: {text}", err=True)
+
+
+def _usage_error(exc) -> int:
+    """A click/typer usage error in one line, naming the command and where to read its options."""
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None and ctx.command_path else "qdsize"
+    typer.echo(f"qdsize: error: {exc.format_message()} (see `{path} --help`)", err=True)
+    return 2 if getattr(exc, "exit_code", 1) in (1, 2) else int(exc.exit_code)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, turning input errors into one line on stderr and exit code 2."""
+    """Entry point: run the app, turning input and usage errors into one line on stderr and exit code 2."""
     import os
     import warnings
 
+    import click
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no download bars around answers
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")  # MLflow's, coloured
-    import qdsize.platform.cli_ml  # noqa: F401  (registers train, evaluate, sweep, predict, ui)
+    for name, value in NO_PHONING_HOME.items():  # a user's data and runs stay on their machine
+        os.environ.setdefault(name, value)
+    if not os.environ.get("QDSIZE_DEBUG"):  # the libraries' info lines (and warnings, above) are not ours
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        import logging
+
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    if not os.environ.get("RAY_ADDRESS"):  # an embedded Ray listens on loopback only (Ray reads it on import)
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not os.environ.get("QDSIZE_DEBUG"):
+        warnings.showwarning = _quiet_showwarning
+    import qdsize.platform.cli_ml  # noqa: F401  (registers train, evaluate, sweep, predict, resolution, ui)
     import qdsize.platform.cli_refine  # noqa: F401  (registers refine)
     import qdsize.platform.cli_model  # noqa: F401  (registers model list, info, export)
+    from qdsize.platform import cli_help
 
+    cli_help.attach(app)
+    cli_help.wide_when_piped()
+    click_errors = (click.exceptions.ClickException, typer.TyperException)  # typer bundles its own click
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, standalone_mode=False, prog_name="qdsize")
     except InputError as exc:
         typer.echo(f"qdsize: error: {exc}", err=True)
         return 2
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, click.exceptions.Abort, KeyboardInterrupt):
         typer.echo("qdsize: aborted", err=True)
         return 130
-    except SystemExit as exc:  # click's own exits (help, version)
+    except SystemExit as exc:  # our own exit codes (dataset info, --strict) and click's (help, version)
         return int(exc.code or 0)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
+    except typer.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click_errors as exc:  # usage errors: typer raises its bundled click's classes, not click's
+        if hasattr(exc, "format_message"):
+            return _usage_error(exc)
         raise
+    except BrokenPipeError:  # `qdsize ... | head`
+        return 0
     return 0
 
 

@@ -6,6 +6,10 @@ import pytest
 
 # Ray reads this when it is imported: the embedded instance then binds to 127.0.0.1 only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# and neither MLflow nor Ray reports usage to anyone (tests talk to 127.0.0.1 only)
+for _name in ("MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+    os.environ.setdefault(_name, "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 @pytest.fixture(scope="session")
