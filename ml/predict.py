@@ -65,6 +65,20 @@ class Predictor:
                    model_uri or str(folder), card, ood.PhysicsCheck.load(folder))
 
     # ---- inference
+    def resolution_outside(self, told) -> list[str]:
+        """Why a given instrument resolution lies outside what the network was trained on (empty if inside)."""
+        trained = self.card.get("resolution_trained") or {}
+        if told is None or not trained:
+            return []
+        from qdsize.ml.model import RESOLUTION_KEYS
+
+        out = []
+        for name, v in zip(RESOLUTION_KEYS, told):
+            lo, hi = trained.get(name, (0.0, float("inf")))
+            if not lo - 1e-12 <= v <= hi + 1e-12:
+                out.append(f"resolution {name} = {v:g} outside the trained {lo:g}-{hi:g}")
+        return out
+
     @property
     def takes_resolution(self) -> bool:
         """Whether the network can be told the instrument resolution (models trained since it could)."""
@@ -96,15 +110,33 @@ class Predictor:
             evidence, unlike = self.physics.flags(x, m)
         else:
             evidence, unlike = np.full(len(x), np.nan), np.zeros(len(x), dtype=bool)
+        lo_nm, hi_nm = float(self.size_edges_nm[0]), float(self.size_edges_nm[-1])
+        lo_pct, hi_pct = float(self.dispersion_edges_pct[0]), float(self.dispersion_edges_pct[-1])
+        outside = self.resolution_outside(told)
         out = []
         for i in range(len(x)):
             sp, dp = pred["size_probs"][i], pred["dispersion_probs"][i]
             si, di = int(sp.argmax()), int(dp.argmax())
+            mean, mean_std = float(pred["mean_diameter"][i]), float(pred["mean_diameter_std"][i])
+            disp, disp_std = float(max(pred["dispersion"][i], 0.0)), float(pred["dispersion_std"][i])
+            flags = []
+            if pred["ood_score"][i] > threshold:
+                flags.append(f"unlike the training patterns (score {pred['ood_score'][i]:.1f} > {threshold:.1f})")
+            if unlike[i]:
+                flags.append(f"not {self.card.get('material', 'PbS')}-like (material evidence {evidence[i]:.2f})")
+            flags += outside
+            # an estimate outside the trained labels is an extrapolation: say so and let its sigma reach the range
+            if not lo_nm <= mean <= hi_nm:
+                flags.append(f"size outside the trained {lo_nm:g}-{hi_nm:g} nm")
+                mean_std = max(mean_std, abs(mean - min(max(mean, lo_nm), hi_nm)))
+            if not lo_pct <= disp <= hi_pct:
+                flags.append(f"dispersion outside the trained {lo_pct:g}-{hi_pct:g} %")
+                disp_std = max(disp_std, abs(disp - min(max(disp, lo_pct), hi_pct)))
             out.append({
-                "mean_diameter_nm": float(pred["mean_diameter"][i]),
-                "mean_diameter_std_nm": float(pred["mean_diameter_std"][i]),
-                "size_dispersion_pct": float(max(pred["dispersion"][i], 0.0)),
-                "size_dispersion_std_pct": float(pred["dispersion_std"][i]),
+                "mean_diameter_nm": mean,
+                "mean_diameter_std_nm": mean_std,
+                "size_dispersion_pct": disp,
+                "size_dispersion_std_pct": disp_std,
                 "size_class": [self.size_edges_nm[si], self.size_edges_nm[si + 1]],
                 "dispersion_class": [self.dispersion_edges_pct[di], self.dispersion_edges_pct[di + 1]],
                 "size_class_probs": [round(float(p), 6) for p in sp],
@@ -112,7 +144,8 @@ class Predictor:
                 "ood_score": float(pred["ood_score"][i]),
                 "resolution_given": None if told is None else [float(v) for v in told],
                 "material_evidence": None if np.isnan(evidence[i]) else round(float(evidence[i]), 4),
-                "out_of_distribution": bool(pred["ood_score"][i] > threshold or unlike[i]),
+                "out_of_distribution": bool(flags),
+                "flags": flags,
                 "model_uri": self.model_uri,
                 "model_version": self.model_version or None,
                 "model_run_id": self.model_run_id or None,
@@ -152,7 +185,13 @@ try:
         def load_context(self, context):
             folder = Path(context.artifacts["qdsize_model"])
             release = builtin(folder.parent.parent)  # a release bundle answers under its builtin: name
-            self.predictor = release if release is not None else Predictor.load(folder)
+            if release is not None:
+                self.predictor = release
+            else:  # a served or loaded run model answers with its training run, never with a file path
+                self.predictor = Predictor.load(folder)
+                run_id = self.predictor.card.get("run_id", "")
+                self.predictor.model_run_id = run_id
+                self.predictor.model_uri = f"runs:/{run_id}/model" if run_id else "mlflow-pyfunc"
 
         def predict(self, context, model_input, params=None):
             import pandas as pd
@@ -271,3 +310,88 @@ def builtin_or_error(model_uri: str = "builtin") -> Predictor:
         raise InputError(f"model = {model_uri!r}: release {version!r} is not installed; this qdsize ships "
                          f"{found.model_uri}")
     return found
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From files to answers: the library path that `qdsize predict` and the quickstart take
+# ---------------------------------------------------------------------------------------------------------------
+PATTERN_SUFFIXES = (".xy", ".xye", ".dat", ".chi", ".csv", ".txt", ".asc", ".int")
+STDIN = "-"
+
+
+def expand_inputs(paths) -> list[str]:
+    """The pattern files named by `paths`: a folder stands for its pattern files (by suffix, sorted, not recursive);
+    `-` (standard input), missing paths and folders without pattern files are kept as given, for the reader to
+    name."""
+    out: list[str] = []
+    for p in paths:
+        p = str(p)
+        if p != STDIN and Path(p).is_dir():
+            found = sorted(str(f) for f in Path(p).iterdir()
+                           if f.suffix.lower() in PATTERN_SUFFIXES and f.is_file())
+            out += found or [p]  # an empty folder stays, for predict_files to name
+        else:
+            out.append(p)
+    return out
+
+
+def predict_files(paths, model="builtin", resolution=None, *, x_unit=None, wavelength_angstrom=None,
+                  energy_kev=None, force_wavelength: bool = False, stdin_text: str | None = None,
+                  progress=None) -> list[dict]:
+    """Size every measured pattern file: one dict per file, in order, with the prediction (`Predictor.predict`'s
+    fields) or, for a file that cannot be read or covers too little Q, its `error`; each with its `warnings`.
+
+        from qdsize.ml.predict import predict_files
+        for row in predict_files(["a.xy", "b.xye"], resolution="0.0141,0.0012"):
+            print(row["file"], row.get("mean_diameter_nm"), row.get("error"))
+
+    `model`: a Predictor, or a URI for `load` ("builtin" is the released model). A folder in `paths` stands for
+    its pattern files; "-" reads `stdin_text`. `progress`: wraps the list of files (e.g. a progress bar).
+    """
+    from qdsize.sim import measured
+
+    predictor = load(model) if isinstance(model, str) else model
+    told = None if resolution is None else check_resolution(resolution)
+    files = expand_inputs(paths)
+    q = predictor.q_inv_angstrom
+    rows: list[dict] = []
+    ok: list[tuple[int, np.ndarray, np.ndarray]] = []
+    for f in (progress or (lambda xs: xs))(files):
+        if f != STDIN and Path(f).is_dir():
+            rows.append({"file": f, "error": f"{f}: folder holds no pattern files; expected files ending in "
+                                             f"{', '.join(PATTERN_SUFFIXES)}", "warnings": []})
+            continue
+        try:
+            pat = measured.read_pattern(f, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,
+                                        energy_kev=energy_kev, force_wavelength=force_wavelength,
+                                        text=stdin_text if f == STDIN else None)
+            y, mask, warns = measured.resample(pat, q)
+        except InputError as exc:
+            rows.append({"file": f, "error": str(exc), "warnings": []})
+            continue
+        except OSError as exc:  # whatever the reader did not foresee: this file fails, the batch goes on
+            rows.append({"file": f, "error": f"{f}: cannot be read ({exc.strerror or exc})", "warnings": []})
+            continue
+        rows.append({"file": f, "warnings": [*pat.warnings, *warns], "wavelength_angstrom": pat.wavelength_angstrom})
+        ok.append((len(rows) - 1, y, mask))
+    if ok:
+        x = np.stack([y for _, y, _ in ok])
+        m = np.stack([mk for _, _, mk in ok])
+        for (i, _, _), res in zip(ok, predictor.predict(x, m, resolution=told)):
+            rows[i] = {"file": rows[i]["file"], **res, "warnings": rows[i]["warnings"],
+                       "wavelength_angstrom": rows[i]["wavelength_angstrom"]}
+    return rows
+
+
+def inputs_of(rows: list[dict], predictor: Predictor, stdin_text: str | None = None, **read) -> dict:
+    """{file: (intensity, mask)} on the model grid for the answered rows (to plot them), read again."""
+    from qdsize.sim import measured
+
+    out = {}
+    for r in rows:
+        if "error" in r:
+            continue
+        pat = measured.read_pattern(r["file"], text=stdin_text if r["file"] == STDIN else None, **read)
+        y, mask, _ = measured.resample(pat, predictor.q_inv_angstrom)
+        out[r["file"]] = (y, mask)
+    return out

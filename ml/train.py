@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, *, tracking_uri: str | None = None, experiment_id: s
             from .predict import Predictor, log_pyfunc
 
             model = model.cpu()
-            card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict(),
+            card = {"dataset": dataset, "scores": scores, "config": cfg.to_dict(), "run_id": run.info.run_id,
                     "resolution_trained": data.resolution_range(final_augment)}
             model_uri = log_pyfunc(Predictor(model, q, list(edges[0]), list(edges[1]), card=card, physics=physics),
                                    xv[:2])

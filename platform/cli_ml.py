@@ -117,14 +117,10 @@ def evaluate(
                                                  ("dispersion", ev.DISPERSION_EDGES_PCT, "%", "dispersion_class")):
                     cm = ev.confusion(lab[label], p[f"{head}_probs"].argmax(1), len(edges) - 1)
                     ev.plot_confusion(cm, edges, unit, f"{s}: {head}", out / f"confusion_{s}_{head}.png")
-    from rich.console import Console
-    from rich.table import Table
+    from qdsize.platform import textout
 
     keys = sorted({k for m in rows.values() for k in m})
-    table = Table("metric", *rows)
-    for k in keys:
-        table.add_row(k, *[f"{rows[s].get(k, float('nan')):.4f}" for s in rows])
-    Console(width=None if sys.stdout.isatty() else 160).print(table)  # piped or saved: not cut to 80 columns
+    textout.table(["metric", *rows], [[k, *[f"{rows[s].get(k, float('nan')):.4f}" for s in rows]] for k in keys])
     if instrument is not None:
         f0, rel, eta = (float(v) for v in instrument)
         typer.echo(f"benchmark and seedgrid: the network was told the splits' instrument resolution (FWHM0 {f0:g} "
@@ -172,14 +168,9 @@ def ui(
 
 
 def _print_scores(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    from qdsize.platform import textout
 
-    table = Table("score", "value")
-    for k, v in result.items():
-        if isinstance(v, float):
-            table.add_row(k, f"{v:.4f}")
-    Console().print(table)
+    textout.table(["score", "value"], [[k, f"{v:.4f}"] for k, v in result.items() if isinstance(v, float)])
 
 
 def resolve_model(model_uri: str | None, tracking_uri: str | None):
@@ -190,80 +181,101 @@ def resolve_model(model_uri: str | None, tracking_uri: str | None):
     return models.resolve(model_uri, tracking_uri, warn=lambda m: typer.echo(f"qdsize: warning: {m}", err=True))
 
 
+STRICT_EXIT = 3  # `predict --strict`: some answer is flagged (unreadable files exit 2, which wins)
+
+
 @app.command()
 def predict(
-    files: list[Path] = typer.Argument(..., help="Measured patterns (.xy .xye .dat .chi .csv ...)."),
+    files: list[str] = typer.Argument(..., help="Measured patterns (.xy .xye .dat .chi .csv ...), folders of them, "
+                                      "or - for standard input."),
     model: Optional[str] = typer.Option(None, "--model", help="Model URI or folder (default: champion, then "
                                         "the released model)."),
     x_unit: Optional[str] = X_UNIT,
     wavelength_angstrom: Optional[float] = WAVELENGTH,
     energy_kev: Optional[float] = ENERGY,
+    force_wavelength: bool = typer.Option(False, "--force-wavelength",
+                                          help="Use --wavelength even where a file's header names its own "
+                                               "(by default the header wins, with a warning)."),
     fmt: str = typer.Option("table", "--format", help="table, json or csv."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
+    shape: str = typer.Option("sphere", "--shape", help="With --refine: the model shape (sphere, cuboctahedron, "
+                              "truncated_octahedron, cube, octahedron or polyhedron:RHO)."),
+    solvent: Optional[list[str]] = typer.Option(None, "--solvent", help="With --refine: a solvent curve with a free "
+                                                "amplitude (repeatable): toluene, hexane, octane, chloroform, water."),
     resolution: Optional[str] = typer.Option(
         None, "--resolution", metavar="FWHM0,REL[,ETA]",
         help="Instrument resolution from a calibrant (`qdsize resolution`): FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2) in "
              "1/A, pseudo-Voigt with Lorentzian fraction ETA (default 0). Sharper sizes for large dots."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress",
+                                            help="Progress on stderr (default: a bar on a terminal for several "
+                                                 "files; --progress also prints plain lines into a log)."),
+    strict: bool = typer.Option(False, "--strict", help=f"Exit {STRICT_EXIT} if any answer is flagged (out of "
+                                "distribution, outside the trained range), for scripts."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
-    import numpy as np
-
-    from qdsize.ml.predict import check_resolution
-    from qdsize.sim import measured
+    from qdsize.ml.predict import STDIN, check_resolution, expand_inputs, inputs_of, predict_files
+    from qdsize.platform import textout
 
     if fmt not in ("table", "json", "csv"):
         raise InputError(f"--format = {fmt!r}: expected table, json or csv")
-    told = None
-    if resolution is not None:
-        told = check_resolution(resolution)
+    told = None if resolution is None else check_resolution(resolution)
+    paths = expand_inputs(files)
+    if paths.count(STDIN) > 1:
+        raise InputError("files: '-' (standard input) given more than once; expected it at most once")
+    stdin_text = sys.stdin.read() if STDIN in paths else None
     predictor = resolve_model(model, tracking_uri)
     if told is not None:
         for line in resolution_warnings(predictor, told):
             typer.echo(f"qdsize: warning: {line}", err=True)
-    q = predictor.q_inv_angstrom
-    rows, failures, inputs = [], [], []
-    for f in files:
-        try:
-            pat = measured.read_pattern(f, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,
-                                        energy_kev=energy_kev)
-            y, mask, warns = measured.resample(pat, q)
-        except InputError as exc:
-            failures.append(str(exc))
-            continue
-        for w in [*pat.warnings, *warns]:
-            typer.echo(f"qdsize: warning: {f}: {w}", err=True)
-        inputs.append((f, y, mask))
-    if inputs:
-        x = np.stack([y for _, y, _ in inputs])
-        m = np.stack([mk for _, _, mk in inputs])
-        for (f, _, _), res in zip(inputs, predictor.predict(x, m, resolution=told)):
-            rows.append({"file": str(f), **res})
-    if refine and rows:
+    read = dict(x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev,
+                force_wavelength=force_wavelength)
+    rows = predict_files(paths, predictor, told, stdin_text=stdin_text,
+                         progress=lambda xs: textout.progress(xs, "reading and sizing", progress), **read)
+    for r in rows:
+        for w in r["warnings"]:
+            typer.echo(f"qdsize: warning: {w if w.startswith(r['file']) else r['file'] + ': ' + w}", err=True)
+    answered = [r for r in rows if "error" not in r]
+    if refine and answered:
         from qdsize.platform.cli_refine import emit_refined, refine_rows
 
-        rows = refine_rows(rows, [f for f, _, _ in inputs], x_unit=x_unit,
-                           wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
-    _emit(rows, fmt)
-    hint = resolution_hint(rows, predictor, told)
+        if STDIN in [r["file"] for r in answered]:
+            raise InputError("--refine: standard input cannot be refined (the fit reads the file again); "
+                             "expected pattern files")
+        refined = iter(refine_rows(answered, [r["file"] for r in answered], plot=plot,
+                                   ladder_spec={"shape": shape}, solvent=tuple(solvent or ()),
+                                   x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev))
+        rows = [r if "error" in r else next(refined) for r in rows]
+        answered = [r for r in rows if "error" not in r]
+    _emit(rows, fmt, predictor)
+    hint = resolution_hint(answered, predictor, told)
     if hint:
         typer.echo(f"qdsize: note: {hint}", err=True)
-    if refine and rows and fmt == "table":
-        emit_refined(rows, "table")
-    if plot is not None and inputs:
+    if refine and answered and fmt == "table":
+        emit_refined(answered, "table")
+    if plot is not None and answered and not refine:
+        import torch
+
         from qdsize.platform.figures import plot_prediction
 
-        for i, ((f, y, mk), res) in enumerate(zip(inputs, rows)):
-            target = plot if len(inputs) == 1 and plot.suffix == ".png" else Path(plot) / f"{Path(f).stem}.png"
-            cam = predictor.model.class_activation_map(
-                __import__("torch").as_tensor(y[None]), __import__("torch").as_tensor(mk[None]))[0]
-            plot_prediction(target, q, y, mk, cam.detach().numpy(), res, predictor.size_edges_nm,
-                            predictor.dispersion_edges_pct)
+        patterns = inputs_of(answered, predictor, stdin_text=stdin_text, **read)
+        for r in answered:
+            y, mk = patterns[r["file"]]
+            name = "stdin" if r["file"] == STDIN else Path(r["file"]).stem
+            target = plot if len(answered) == 1 and plot.suffix == ".png" else Path(plot) / f"{name}.png"
+            cam = predictor.model.class_activation_map(torch.as_tensor(y[None]), torch.as_tensor(mk[None]))[0]
+            plot_prediction(target, predictor.q_inv_angstrom, y, mk, cam.detach().numpy(), r,
+                            predictor.size_edges_nm, predictor.dispersion_edges_pct)
+    failures = [r["error"] for r in rows if "error" in r]
     for line in failures:
         typer.echo(f"qdsize: error: {line}", err=True)
     if failures:
         sys.exit(2)
+    flagged = [r for r in answered if r["out_of_distribution"]]
+    if strict and flagged:
+        typer.echo(f"qdsize: error: --strict: {len(flagged)} of {len(answered)} answers flagged", err=True)
+        sys.exit(STRICT_EXIT)
 
 
 @app.command()
@@ -293,17 +305,14 @@ def resolution(
 
         typer.echo(json.dumps({"file": str(file), **asdict(fit), "resolution_argument": fit.argument}, indent=1))
     else:
-        from rich.console import Console
-        from rich.table import Table
+        from qdsize.platform import textout
 
-        table = Table("hkl", "Q expected (1/A)", "Q fitted (1/A)", "FWHM (1/A)", "law (1/A)", "eta", "S/N", "used")
-        for ln in fit.lines:
-            table.add_row("".join(map(str, ln.hkl)), f"{ln.q_expected_inv_angstrom:.4f}",
-                          f"{ln.q_fitted_inv_angstrom:.4f}", f"{ln.fwhm_inv_angstrom:.4f}",
-                          f"{float(fit.fwhm_at(ln.q_fitted_inv_angstrom)):.4f}", f"{ln.lorentz_fraction:.2f}",
-                          f"{ln.snr:.0f}", "yes" if ln.used else "no")
-        console = Console()
-        console.print(table)
+        textout.table(["hkl", "Q expected (1/A)", "Q fitted (1/A)", "FWHM (1/A)", "law (1/A)", "eta", "S/N", "used"],
+                      [["".join(map(str, ln.hkl)), f"{ln.q_expected_inv_angstrom:.4f}",
+                        f"{ln.q_fitted_inv_angstrom:.4f}", f"{ln.fwhm_inv_angstrom:.4f}",
+                        f"{float(fit.fwhm_at(ln.q_fitted_inv_angstrom)):.4f}", f"{ln.lorentz_fraction:.2f}",
+                        f"{ln.snr:.0f}", "yes" if ln.used else "no"] for ln in fit.lines])
+        console = textout.console()
         console.print(f"{std}: FWHM(Q) = sqrt({fit.fwhm0_inv_angstrom:.4f}^2 + ({fit.fwhm_relative:.5f} Q)^2) 1/A, "
                       f"Lorentzian fraction {fit.lorentz_fraction:.2f}; rms misfit of the widths "
                       f"{fit.rms_fwhm_misfit_inv_angstrom:.4f} 1/A; Q axis: zero shift "
@@ -316,46 +325,94 @@ def resolution(
 
 
 def _flag(row: dict) -> str:
-    """The table's flag: why a pattern should not be trusted, if it should not."""
-    if not row["out_of_distribution"]:
+    """The table's flag: why a pattern should not be trusted, if it should not; or why it has no answer."""
+    if "error" in row:
+        return "ERROR: " + row["error"]
+    if not row.get("out_of_distribution"):
         return ""
-    ev = row.get("material_evidence")
-    return "OUT OF DISTRIBUTION" + ("" if ev is None else f" (material evidence {ev:.2f})")
+    return "; ".join(["OUT OF DISTRIBUTION", *(row.get("flags") or [])])
 
 
-def _emit(rows: list[dict], fmt: str) -> None:
+def _num(v, digits: int):
+    """A number for CSV: rounded to what is meaningful, empty when absent."""
+    return "" if v is None else round(float(v), digits)
+
+
+CSV_KEYS = ["file", "mean_diameter_nm", "mean_diameter_std_nm", "size_dispersion_pct", "size_dispersion_std_pct",
+            "size_class_min_nm", "size_class_max_nm", "size_class_p", "dispersion_class_min_pct",
+            "dispersion_class_max_pct", "dispersion_class_p", "ood_score", "material_evidence", "out_of_distribution",
+            "flags", "error", "model_uri", "model_version", "model_run_id"]
+
+
+def _csv(rows: list[dict], size_edges_nm, dispersion_edges_pct) -> str:
+    """One row per file (failed files too, with their error); numbers rounded; class bounds as two numeric columns
+    (a cell such as "3-4" becomes a date in a spreadsheet); one probability column per class."""
     import csv
     import io
+
+    def cols(edges, unit):
+        return [f"p_{edges[i]:g}_{edges[i + 1]:g}_{unit}" for i in range(len(edges) - 1)]
+
+    size_cols, disp_cols = cols(size_edges_nm, "nm"), cols(dispersion_edges_pct, "pct")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, [*CSV_KEYS, *size_cols, *disp_cols], extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        if "error" in r:
+            w.writerow({"file": r["file"], "error": r["error"]})
+            continue
+        w.writerow({
+            **{k: r.get(k) for k in ("file", "model_uri", "model_version", "model_run_id")},
+            "mean_diameter_nm": _num(r["mean_diameter_nm"], 3),
+            "mean_diameter_std_nm": _num(r["mean_diameter_std_nm"], 3),
+            "size_dispersion_pct": _num(r["size_dispersion_pct"], 2),
+            "size_dispersion_std_pct": _num(r["size_dispersion_std_pct"], 2),
+            "size_class_min_nm": r["size_class"][0], "size_class_max_nm": r["size_class"][1],
+            "size_class_p": _num(max(r["size_class_probs"]), 3),
+            "dispersion_class_min_pct": r["dispersion_class"][0], "dispersion_class_max_pct": r["dispersion_class"][1],
+            "dispersion_class_p": _num(max(r["dispersion_class_probs"]), 3),
+            "ood_score": _num(r["ood_score"], 3), "material_evidence": _num(r.get("material_evidence"), 3),
+            "out_of_distribution": r["out_of_distribution"], "flags": "; ".join(r.get("flags") or []),
+            **{c: _num(p, 4) for c, p in zip(size_cols, r["size_class_probs"])},
+            **{c: _num(p, 4) for c, p in zip(disp_cols, r["dispersion_class_probs"])},
+        })
+    return buf.getvalue().rstrip("\n")
+
+
+def _model_line(rows: list[dict]) -> str | None:
+    """Which model answered: its URI, registry version or release, and training run."""
+    r = next((r for r in rows if "error" not in r), None)
+    if r is None:
+        return None
+    extra = ", ".join(x for x in (f"version {r['model_version']}" if r.get("model_version") else "",
+                                  f"run {r['model_run_id']}" if r.get("model_run_id") else "") if x)
+    return f"model: {r['model_uri']}" + (f" ({extra})" if extra else "")
+
+
+def _emit(rows: list[dict], fmt: str, predictor) -> None:
     import json
+
+    from qdsize.platform import textout
 
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=1))
         return
     if fmt == "csv":
-        buf = io.StringIO()
-        keys = ["file", "mean_diameter_nm", "mean_diameter_std_nm", "size_dispersion_pct", "size_dispersion_std_pct",
-                "size_class", "dispersion_class", "ood_score", "material_evidence", "out_of_distribution", "model_uri"]
-        w = csv.DictWriter(buf, keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "size_class": "-".join(f"{v:g}" for v in r["size_class"]),
-                        "dispersion_class": "-".join(f"{v:g}" for v in r["dispersion_class"])})
-        typer.echo(buf.getvalue().rstrip("\n"))
+        typer.echo(_csv(rows, predictor.size_edges_nm, predictor.dispersion_edges_pct))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table("file", "mean diameter (nm)", "dispersion (%)", "size class", "p", "dispersion class", "p",
-                  "flag")
+    body = []
     for r in rows:
-        table.add_row(Path(r["file"]).name, f"{r['mean_diameter_nm']:.2f} ± {r['mean_diameter_std_nm']:.2f}",
-                      f"{r['size_dispersion_pct']:.1f} ± {r['size_dispersion_std_pct']:.1f}",
-                      "{:g}-{:g} nm".format(*r["size_class"]), f"{max(r['size_class_probs']):.2f}",
-                      "{:g}-{:g} %".format(*r["dispersion_class"]), f"{max(r['dispersion_class_probs']):.2f}",
-                      _flag(r))
-    Console().print(table)
-    if rows:
-        r = rows[0]
-        extra = ", ".join(x for x in (f"version {r['model_version']}" if r.get("model_version") else "",
-                                      f"run {r['model_run_id']}" if r.get("model_run_id") else "") if x)
-        Console().print(f"model: {r['model_uri']}" + (f" ({extra})" if extra else ""))
+        name = "stdin" if r["file"] == "-" else Path(r["file"]).name
+        if "error" in r:
+            body.append([name, "-", "-", "-", "-", "-", "-", _flag(r)])
+            continue
+        body.append([name, f"{r['mean_diameter_nm']:.2f} ± {r['mean_diameter_std_nm']:.2f}",
+                     f"{r['size_dispersion_pct']:.1f} ± {r['size_dispersion_std_pct']:.1f}",
+                     "{:g}-{:g} nm".format(*r["size_class"]), f"{max(r['size_class_probs']):.2f}",
+                     "{:g}-{:g} %".format(*r["dispersion_class"]), f"{max(r['dispersion_class_probs']):.2f}",
+                     _flag(r)])
+    textout.table(["file", "mean diameter (nm)", "dispersion (%)", "size class", "p", "dispersion class", "p",
+                   "flag"], body)
+    line = _model_line(rows)
+    if line:
+        typer.echo(line)

@@ -16,6 +16,7 @@ from rich.table import Table
 from qdsize.platform.figures import plot_patterns
 from qdsize.platform.workspace import home
 from qdsize.sim import io, pattern, scattering
+from qdsize.sim.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -135,11 +136,10 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
 
     t = _step(console, "4/4 qdsize predict examples/*")
     from qdsize.platform.cli_ml import resolve_model
-    from qdsize.sim import measured
 
     champion = "models:/qdsize-pbs@champion"
     predictor = resolve_model(champion, None)  # the sweep's own champion, whatever else is installed
-    from qdsize.ml.predict import builtin
+    from qdsize.ml.predict import builtin, predict_files
 
     released = builtin()  # and the released model beside it, when this qdsize ships one
     files = sorted(p for p in EXAMPLES.iterdir() if p.suffix in (".xy", ".xye", ".dat", ".chi", ".csv"))
@@ -148,16 +148,16 @@ def run(profile: str = "quickstart", trials: int | None = None, console: Console
     rows = []
     for f in files:
         lam = WAVELENGTH.search(f.read_text(encoding="utf-8")[:2000]) if f.suffix == ".chi" else None
-        pat = measured.read_pattern(f, wavelength_angstrom=float(lam.group(1)) if lam else None)
-        y, mask, _ = measured.resample(pat, predictor.q_inv_angstrom)
-        res = predictor.predict(y[None], mask[None])[0]
+        read = {"wavelength_angstrom": float(lam.group(1)) if lam else None}
+        res = predict_files([f], predictor, **read)[0]  # the library path of `qdsize predict`
+        if "error" in res:
+            raise InputError(res["error"])
         truth = true_labels(f)
         ok = truth is not None and res["size_class"][0] <= truth[0] < res["size_class"][1]
-        rows.append({"file": f.name, "true": truth, **res})
+        rows.append({**res, "file": f.name, "true": truth})
         extra = []
         if released is not None:
-            yr, mr, _ = measured.resample(pat, released.q_inv_angstrom)
-            rel = released.predict(yr[None], mr[None])[0]
+            rel = predict_files([f], released, **read)[0]
             rows[-1]["released"] = rel
             extra = [f"{rel['mean_diameter_nm']:.2f} ± {rel['mean_diameter_std_nm']:.2f}"]
         table.add_row(f.name, f"{truth[0]:.2f}" if truth else "?",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,13 @@ def _binary_kind(head: bytes) -> tuple[str, bool] | None:
 
 def _read_text(path, name: str) -> str:
     p = Path(path)
+    if p.is_symlink() and not p.exists():
+        try:
+            p.stat()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _err(name, "is a symbolic link loop", "a link that ends at a pattern file") from None
+        raise _err(name, f"is a broken symbolic link (to {os.readlink(p)!r})", "a link to an existing pattern file")
     if p.is_dir():
         raise _err(name, "is a directory", "a pattern file (.xy, .xye, .dat, .chi, .csv)")
     if not p.exists():
@@ -376,17 +385,23 @@ def _fields(lines: list[tuple[int, str]]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
-def read_pattern(path, *, x_unit=None, wavelength_angstrom=None, energy_kev=None) -> MeasuredPattern:
+def read_pattern(path, *, x_unit=None, wavelength_angstrom=None, energy_kev=None, force_wavelength: bool = False,
+                 text: str | None = None) -> MeasuredPattern:
     """Read a measured pattern (.xy, .xye, .dat, .chi, .csv, any two- or three-column text) into Q (1/A) and I.
 
     The x unit comes from `x_unit` ('q_A', 'q_nm', '2theta') or an unambiguous header, never from a guess;
-    2-theta needs `wavelength_angstrom` or `energy_kev` or a wavelength/energy header line. Every problem with the
-    file raises one InputError whose message starts with the file name.
+    2-theta needs `wavelength_angstrom` or `energy_kev` or a wavelength/energy header line; a file's own header
+    wavelength wins over the argument (with a warning naming both) unless `force_wavelength`. `text`: the file's
+    content already read (standard input), `path` then only names it. Every problem with the file raises one
+    InputError whose message starts with the file name.
     """
     name = str(path)
     unit_arg = _unit_arg(name, x_unit)
     wl_arg = _wavelength_from_args(name, wavelength_angstrom, energy_kev)
-    text = _read_text(path, name)
+    if text is None:
+        text = _read_text(path, name)
+    elif not text.strip():
+        raise _err(name, "empty input", "two or three columns of numbers (x, intensity[, sigma])")
     t = _parse_table(name, text.splitlines())
     data, linenos, header = t["data"], t["linenos"], t["header"]
     warnings: list[str] = []
@@ -470,8 +485,13 @@ def read_pattern(path, *, x_unit=None, wavelength_angstrom=None, energy_kev=None
                             "using the wavelength")
     wavelength = wl_arg
     if wl_arg is not None and head_wl is not None and head_wl > 0 and abs(head_wl - wl_arg) > 0.005 * wl_arg:
-        warnings.append(f"{name}: using the given wavelength {wl_arg:.5g} A; the header (line {head_line}) says "
-                        f"{head_wl:.5g} A")
+        if force_wavelength:
+            warnings.append(f"{name}: using the given wavelength {wl_arg:.5g} A (forced); the header (line "
+                            f"{head_line}) says {head_wl:.5g} A")
+        else:
+            wavelength = None  # the file's own header wins, below
+            warnings.append(f"{name}: using the header's wavelength {head_wl:.5g} A (line {head_line}), not the "
+                            f"given {wl_arg:.5g} A; pass --force-wavelength to use yours")
     if wavelength is None and head_wl is not None:
         if _family(kind) == "2theta" and not head_wl > 0:
             raise _err(name, f"the wavelength on header line {head_line} is {head_wl:g}, not positive",
@@ -569,6 +589,11 @@ def resample(pattern: MeasuredPattern, q_grid, *, required_q_min: float = REQUIR
             unit = {"q_nm": "1/nm", "2theta": "deg", "2theta_rad": "rad"}[pattern.x_unit_detected]
             at = f" at {pattern.wavelength_angstrom:.5g} A" if pattern.wavelength_angstrom else ""
             origin = f" (x = {a:g}-{b:g} {unit}{at})" if a is not None else ""
+        if pattern.x_unit_detected == "q_A" and q_lo / 10 <= required_q_min + margin_inv_angstrom \
+                and q_hi / 10 >= required_q_max - margin_inv_angstrom:
+            raise _err(name, f"measured Q range {q_lo:.3f}-{q_hi:.3f} 1/A is what Q in 1/nm would read "
+                             f"({q_lo / 10:.3f}-{q_hi / 10:.3f} 1/A)", f"{FLAG_X_UNIT} q_nm if the x column is Q in "
+                             "1/nm (or fix the file's column label)")
         raise _err(name, f"measured Q range {q_lo:.3f}-{q_hi:.3f} 1/A{origin} is too short; the model needs "
                          f"{required_q_min:.3f}-{required_q_max:.3f} 1/A",
                    f"a pattern covering at least {required_q_min:g}-{required_q_max:g} 1/A (at most "

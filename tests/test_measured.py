@@ -356,13 +356,16 @@ def test_flag_resolves_a_header_that_names_two_units(tmp_path):
     np.testing.assert_allclose(pat.q_inv_angstrom, q, rtol=1e-6)
 
 
-def test_wavelength_argument_wins_over_the_header_with_a_warning(tmp_path):
+def test_header_wavelength_wins_over_the_argument_unless_forced(tmp_path):
     q = np.arange(1.0, 8.0, 0.01)
-    path = m.write_pattern_file(tmp_path / "wl.xy", two_theta(q, WL_AG), curve(q), x_unit="2theta",
+    path = m.write_pattern_file(tmp_path / "wl.xy", two_theta(q, 0.7093), curve(q), x_unit="2theta",
                                 wavelength_angstrom=0.7093)
-    pat = m.read_pattern(path, wavelength_angstrom=WL_AG)
+    pat = m.read_pattern(path, wavelength_angstrom=WL_AG)  # one --wavelength for a batch: the file's header wins
     np.testing.assert_allclose(pat.q_inv_angstrom, q, rtol=1e-8)
-    assert any("header (line 2) says 0.7093" in w for w in pat.warnings)
+    assert any("header's wavelength 0.7093 A (line 2), not the given" in w for w in pat.warnings)
+    forced = m.read_pattern(path, wavelength_angstrom=WL_AG, force_wavelength=True)
+    np.testing.assert_allclose(forced.q_inv_angstrom, q * 0.7093 / WL_AG, rtol=1e-6, atol=0.02)
+    assert any("(forced); the header (line 2) says 0.7093" in w for w in forced.warnings)
 
 
 def test_decreasing_x_is_reversed_with_a_warning(tmp_path):

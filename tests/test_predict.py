@@ -129,12 +129,14 @@ def test_a_batch_reports_good_files_and_one_line_per_bad_file(store, sample_file
     for name, content in bad.items():
         (tmp_path / name).write_bytes(content)
         paths.append(tmp_path / name)
-    r = qdsize("predict", good, *paths, tmp_path / "missing.xy", tmp_path, "--format", "json",
+    (tmp_path / "no_patterns").mkdir()
+    r = qdsize("predict", good, *paths, tmp_path / "missing.xy", tmp_path / "no_patterns", "--format", "json",
                env_home=store["home"], uri=store["uri"])
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    rows = json.loads(r.stdout)
-    assert [row["file"] for row in rows] == [str(good)]
+    rows = json.loads(r.stdout)  # one row per input, in order: the answer, or the error
+    assert [row["file"] for row in rows if "error" not in row] == [str(good)]
+    assert len(rows) == len(bad) + 3 and all(row["error"].startswith(row["file"]) for row in rows[1:])
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("qdsize: error:")]
     assert len(errors) == len(bad) + 2
     for name in [*bad, "missing.xy"]:
@@ -151,6 +153,7 @@ def test_no_model_anywhere_says_how_to_make_one(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="no released model installed") as err:
         models.resolve(None, f"sqlite:///{tmp_path / 'm.db'}")
     assert "--model" in str(err.value) and "quickstart" in str(err.value)
+    assert f"workspace {tmp_path / 'home'}: $QDSIZE_HOME" in str(err.value) and "QDSIZE_HOME or" in str(err.value)
 
 
 def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
@@ -192,6 +195,9 @@ def test_served_champion_answers_http_with_the_cli_numbers(store, sample_files):
         assert served["mean_diameter_nm"] == pytest.approx(cli["mean_diameter_nm"], rel=1e-4)
         assert served["size_dispersion_pct"] == pytest.approx(cli["size_dispersion_pct"], rel=1e-4, abs=1e-4)
         assert list(served["size_class"]) == cli["size_class"]
+        # the served model names its training run, as the command line does, never a path on the server
+        assert served["model_run_id"] == cli["model_run_id"] and cli["model_version"]
+        assert served["model_uri"] == f"runs:/{cli['model_run_id']}/model"
         # the instrument resolution goes in the request's params, as --resolution on the command line
         cli_told = json.loads(qdsize("predict", path, "--format", "json", "--resolution", "0.02,0.002",
                                      env_home=store["home"], uri=store["uri"]).stdout)[0]
