@@ -15,6 +15,9 @@ from .errors import InputError
 STANDARDS = {"Si": (5.431144, "diamond"), "LaB6": (4.156826, "primitive"), "CeO2": (5.411651, "fcc")}
 MIN_LINES = 3  # usable lines needed for a two-parameter width law
 MIN_SNR = 8.0  # a line's height over the local noise for its width to count
+MAX_POSITION_MISFIT = 0.3  # rms line-position misfit after the axis correction, in units of the median FWHM
+STRONG_PEAK = 0.2  # a peak of at least this fraction of the strongest prominence must be one of the standard's
+MAX_SCALE_ERROR = 0.002  # beyond this Q-scale error, another standard that needs a third of it is named instead
 
 
 @dataclass
@@ -122,7 +125,66 @@ def _fit_line(q, y, centre, half_window, step):
 
 def fit_resolution(q_inv_angstrom, intensity, standard: str, *, name: str = "pattern") -> ResolutionFit:
     """Fit every separable line of the standard with a pseudo-Voigt on a linear background, then the width law
-    FWHM^2 = fwhm0^2 + (fwhm_relative Q)^2 (non-negative least squares) and the Q-axis error (positions)."""
+    FWHM^2 = fwhm0^2 + (fwhm_relative Q)^2 (non-negative least squares) and the Q-axis error (positions).
+    Refuses (InputError) a pattern whose lines are not the standard's: positions that a linear Q-axis correction
+    does not bring onto its reflections, strong peaks it has no reflection for, or a Q-scale error that another
+    standard does not need."""
+    fit = _fit_resolution(q_inv_angstrom, intensity, standard, name=name)
+    why = position_misfit(q_inv_angstrom, intensity, fit)
+    if why is None and abs(fit.scale_error) > MAX_SCALE_ERROR:
+        why = (f"the line positions need a Q-scale error of {fit.scale_error:+.2%}, more than "
+               f"{MAX_SCALE_ERROR:.1%}")
+    if why is None:
+        return fit
+    better = []
+    for other in STANDARDS:
+        if other == fit.standard:
+            continue
+        try:
+            alt = _fit_resolution(q_inv_angstrom, intensity, other, name=name)
+        except InputError:
+            continue
+        if position_misfit(q_inv_angstrom, intensity, alt) is None and \
+                abs(alt.scale_error) <= max(MAX_SCALE_ERROR, abs(fit.scale_error) / 3):
+            better.append(f"{other} (scale error {alt.scale_error:+.2%})")
+    hint = f"its lines fit {' or '.join(better)}" if better else \
+        "check the standard, the x unit and the wavelength"
+    raise InputError(f"{name}: not a {fit.standard} pattern as given: {why}; {hint}; expected the lines of "
+                     f"--standard {fit.standard}")
+
+
+def position_misfit(q_inv_angstrom, intensity, fit: ResolutionFit) -> str | None:
+    """Why the pattern's lines are not where the standard's are (None if they are): the rms position misfit after
+    the fitted axis correction, or a strong peak far from every reflection."""
+    from scipy.signal import find_peaks
+
+    good = [ln for ln in fit.lines if ln.used]
+    qe = np.array([ln.q_expected_inv_angstrom for ln in good])
+    qg = np.array([ln.q_fitted_inv_angstrom for ln in good])
+    width = float(np.median([ln.fwhm_inv_angstrom for ln in good]))
+    rms = float(np.sqrt(np.mean((qg - qe * (1 + fit.scale_error) - fit.zero_shift_inv_angstrom) ** 2)))
+    if rms > MAX_POSITION_MISFIT * width:
+        return (f"the fitted lines lie {rms:.4f} 1/A (rms) from its reflections after the Q-axis correction, "
+                f"against widths of {width:.4f} 1/A")
+    q = np.asarray(q_inv_angstrom, dtype=float)
+    y = np.asarray(intensity, dtype=float)
+    ok = np.isfinite(q) & np.isfinite(y)
+    q, y = q[ok], y[ok]
+    step = float(np.median(np.diff(q)))
+    peaks, props = find_peaks(y, prominence=0.0, width=1.5)
+    if not peaks.size:
+        return None
+    strong = peaks[props["prominences"] >= STRONG_PEAK * props["prominences"].max()]
+    expected = np.array([qc for _, qc in reflections(fit.standard, q[0] - 1.0, q[-1] + 1.0)])
+    expected = expected * (1 + fit.scale_error) + fit.zero_shift_inv_angstrom
+    for i in strong:
+        tol = max(2.0 * float(fit.fwhm_at(q[i])), 3 * step)
+        if expected.size == 0 or np.abs(expected - q[i]).min() > tol:
+            return f"a strong peak at Q = {q[i]:.3f} 1/A is none of its reflections"
+    return None
+
+
+def _fit_resolution(q_inv_angstrom, intensity, standard: str, *, name: str = "pattern") -> ResolutionFit:
     standard = check_standard(standard)
     q = np.asarray(q_inv_angstrom, dtype=float)
     y = np.asarray(intensity, dtype=float)
