@@ -1,26 +1,24 @@
-"""Dataset simulation: plan, size families (cached), fast exact-enough DSE composition, and the Ray fan-out."""
+"""Dataset simulation: plan the shards and families, draw labels and nuisances, compose them with the physics of
+`qdsize.sim` (ladder, compose, distribution), augment the frozen splits, and fan out over Ray."""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numba
 import numpy as np
 
 from qdsize.platform import config as cfgmod
 from qdsize.platform import dataset as ds
-from qdsize.sim import cluster, crystal, debye, scattering
-from qdsize.sim.errors import InputError, bad
+from qdsize.sim import scattering
+from qdsize.sim.compose import T_MAX_SIGMA, compose_family, quadrature_rules
+from qdsize.sim.distribution import ladder_weights_batch, realised_labels_batch
+from qdsize.sim.errors import InputError
+from qdsize.sim.ladder import FAMILY_FORMAT, FineGrid, get_family
 
-FAMILY_FORMAT = 1  # bump when what a cached family holds changes
-TABLE_FORMAT = 1
 SPLIT_CODE = {s: i for i, s in enumerate(cfgmod.SPLITS)}
-T_MAX_SIGMA = 9.0  # microstrain quadrature nodes lie within +-9 standard deviations
 FINE_MARGIN_POINTS = 16  # B-spline coefficients near the fine-grid edges feel the boundary; stay clear of them
 
 
@@ -77,23 +75,6 @@ def families_of_split(specs: list[dict], cfg: cfgmod.DatasetConfig, split: str) 
     return sum(s["shape"] in cfg.variants.shapes for s in specs)
 
 
-@dataclass(frozen=True)
-class FineGrid:
-    """Uniform grid on which the unstrained pair sums are tabulated (covers every strained evaluation point)."""
-
-    q0: float
-    step: float
-    n: int
-
-    @property
-    def q(self) -> np.ndarray:
-        return self.q0 + self.step * np.arange(self.n)
-
-    def key(self) -> str:
-        return cfgmod.content_hash({"format": TABLE_FORMAT, "q0": round(self.q0, 12), "step": self.step,
-                                    "n": self.n})
-
-
 def fine_grid(cfg: cfgmod.DatasetConfig) -> FineGrid:
     """Fine grid covering Q (1 + strain)(1 + t sigma) for every strain, microstrain and quadrature node."""
     h = cfg.compose.fine_step_inv_angstrom
@@ -110,302 +91,10 @@ def model_q(cfg: cfgmod.DatasetConfig) -> np.ndarray:
     return scattering.q_grid(cfg.q.min_inv_angstrom, cfg.q.max_inv_angstrom, cfg.q.step_inv_angstrom)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Families: ladders of clusters, their exact pair statistics, and fine-grid spline tables (cached by content hash)
-# ----------------------------------------------------------------------------------------------------------------
-def build_family(spec: dict) -> debye.PairStatistics:
-    """Exact pair statistics of one variant's ladder, sorted by diameter, with strictly increasing diameters."""
-    xt = crystal.material(spec["material"], spec["a_angstrom"])
-    n = max(2, int(np.ceil(np.log(spec["ladder_max_nm"] / spec["ladder_min_nm"]) / spec["ladder_relative_step"])) + 1)
-    targets = cluster.ladder_diameters(spec["ladder_min_nm"], spec["ladder_max_nm"], n)
-    ladder = cluster.cut_ladder(xt, spec["shape"], targets, surface=spec["surface"],
-                                anion_removal=spec["anion_removal"] or 0.5, centre=spec["centre"],
-                                seed=spec["centre_seed"])
-    st = debye.lattice_statistics(ladder)
-    d = st.diameters_nm
-    order = np.argsort(d, kind="stable")
-    keep, last = [], -np.inf
-    for k in order:  # surfaces can make two shells equal in atom count: keep the first of equal diameters
-        if d[k] > last * (1 + 1e-9):
-            keep.append(k)
-            last = d[k]
-    keep = np.array(keep)
-    return debye.PairStatistics(st.species, st.distances_angstrom, st.pair_counts[keep], st.atom_counts[keep],
-                                d[keep], st.exact)
-
-
-def family_tables(stats: debye.PairStatistics, fine: FineGrid) -> dict:
-    """Cubic B-spline coefficients of every cluster's unstrained pair sums on the fine grid, plus what composing
-    needs: atom counts, diameters and the largest pair distance of each cluster."""
-    from scipy.ndimage import spline_filter1d
-
-    s = debye.sinc_sums(fine.q, stats.distances_angstrom, stats.pair_counts)  # (K, P, F)
-    coef = spline_filter1d(s, order=3, axis=-1, mode="mirror").astype(np.float32)
-    present = stats.pair_counts.sum(axis=1) > 0  # (K, R)
-    rmax = np.array([stats.distances_angstrom[m].max() if m.any() else 0.0 for m in present])
-    return {"coef": coef.reshape(stats.n_clusters, -1), "n_pairs": len(stats.pairs), "n_fine": fine.n,
-            "atoms": stats.atom_counts.astype(np.float64), "diameters_nm": stats.diameters_nm.astype(np.float64),
-            "rmax_angstrom": rmax, "species": list(stats.species)}
-
-
 def cache_dir() -> Path:
     from qdsize.platform.workspace import home
 
     return home() / "cache"
-
-
-def get_family(spec: dict, fine: FineGrid, cache: str | Path) -> dict:
-    """Tables of one family: from the cache when present, else built (and cached). Safe under concurrency."""
-    from threadpoolctl import threadpool_limits
-
-    cache = Path(cache)
-    (cache / "families").mkdir(parents=True, exist_ok=True)
-    (cache / "tables").mkdir(parents=True, exist_ok=True)
-    fid = spec["family_id"]
-    tpath = cache / "tables" / f"{fid}-{fine.key()}.npz"
-    t0 = time.perf_counter()
-    built = "cached"
-    if tpath.is_file():
-        with np.load(tpath, allow_pickle=False) as z:
-            tab = {k: z[k] for k in z.files}
-        tab["species"] = [str(x) for x in tab["species"]]
-        tab["n_pairs"], tab["n_fine"] = int(tab["n_pairs"]), int(tab["n_fine"])
-    else:
-        with threadpool_limits(1):  # one thread: identical tables whatever the machine's thread count
-            spath = cache / "families" / f"{fid}.npz"
-            if spath.is_file():
-                stats = debye.PairStatistics.load(spath)
-                built = "tables"
-            else:
-                stats = build_family(spec)
-                stats.save(spath)
-                (cache / "families" / f"{fid}.json").write_text(json.dumps(spec, indent=1))
-                built = "built"
-            tab = family_tables(stats, fine)
-        tmp = tpath.with_name(f".{tpath.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **{k: np.asarray(v) for k, v in tab.items()})
-        os.replace(tmp, tpath)
-    tab["family_id"] = fid
-    tab["status"] = built
-    tab["seconds"] = time.perf_counter() - t0
-    return tab
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Gaussian microstrain quadrature: the cheapest rule that integrates cos(x t), t ~ N(0, 1), to `tol` for each x
-# ----------------------------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=8)
-def quadrature_rules(tol: float = 1e-5) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pareto set of symmetric rules (nodes t, weights) for E[g(t)], t ~ N(0,1): Gauss-Hermite for small x = Q r
-    sigma, Gaussian-weighted uniform (trapezoid) rules for large x, whose aliasing error falls fastest.
-
-    Returns (nodes (R, M), weights (R, M), counts (R,), x_ok (R,)): rule r integrates cos(x t) to `tol` for every
-    x <= x_ok[r]; rule 0 is the single node t = 0 (no microstrain).
-    """
-    xs = np.linspace(0.0, 60.0, 1201)
-    target = np.exp(-xs**2 / 2)
-
-    def x_ok(t, w):
-        err = np.abs(np.cos(np.outer(xs, t)) @ w - target)
-        badx = np.flatnonzero(err > tol)
-        return xs[badx[0] - 1] if len(badx) else xs[-1]
-
-    cands = [(np.zeros(1), np.ones(1))]
-    for n in range(2, 41):
-        x, w = np.polynomial.hermite.hermgauss(n)
-        t, w = np.sqrt(2.0) * x, w / np.sqrt(np.pi)
-        keep = w > 1e-15
-        cands.append((t[keep], w[keep] / w[keep].sum()))
-    for n in range(5, 121, 2):
-        best = None
-        for half in np.linspace(4.5, 8.5, 9):
-            t = np.linspace(-half, half, n)
-            w = np.exp(-t**2 / 2)
-            w /= w.sum()
-            xo = x_ok(t, w)
-            if best is None or xo > best[0]:
-                best = (xo, t, w)
-        cands.append((best[1], best[2]))
-    rules = []
-    for t, w in cands:
-        if np.max(np.abs(t)) > T_MAX_SIGMA + 1e-9:
-            continue
-        rules.append((len(t), x_ok(t, w) if len(t) > 1 else np.sqrt(2 * tol), t, w))
-    rules.sort(key=lambda r: (r[0], -r[1]))
-    pareto, best_x = [], -1.0
-    for r in rules:
-        if r[1] > best_x + 1e-12:
-            pareto.append(r)
-            best_x = r[1]
-    m = max(r[0] for r in pareto)
-    nodes = np.zeros((len(pareto), m))
-    weights = np.zeros((len(pareto), m))
-    for i, (n, _, t, w) in enumerate(pareto):
-        nodes[i, :n], weights[i, :n] = t, w
-    return nodes, weights, np.array([r[0] for r in pareto], dtype=np.int64), np.array([r[1] for r in pareto])
-
-
-@numba.njit(cache=True, fastmath=True)
-def _compose_kernel(coef, n_pairs, q, scale, sigma, rmax, energy_idx, b_iso, atoms, ff_self, ff_pair, pair_s,
-                    pair_t, rule_t, rule_w, rule_n, rule_x, q0, h, out):
-    """I(Q) per sample: self terms + sum_p c_p(Q) T_s T_t <S_p(Q (1+strain)(1+eps))>_eps from B-spline tables.
-
-    `coef` (n, P * F) holds each sample's weighted B-spline coefficients, pair-major. For every Q the cheapest
-    quadrature rule that resolves x = Q r_max sigma is used (rules are ordered by cost and reach).
-    """
-    n_b = coef.shape[0]
-    n_f = coef.shape[1] // n_pairs
-    n_q = q.shape[0]
-    n_s = atoms.shape[1]
-    n_rules = rule_n.shape[0]
-    acc = np.zeros(8)
-    tdw = np.zeros(n_s)
-    inv16pi2 = 1.0 / (16.0 * np.pi * np.pi)
-    inv_h = 1.0 / h
-    for b in range(n_b):
-        e = energy_idx[b]
-        r = 0
-        sig = sigma[b]
-        reach = scale[b] * rmax[b] * sig
-        for i in range(n_q):
-            qi = q[i]
-            qs = qi * scale[b]
-            if sig > 0.0:
-                while r < n_rules - 1 and rule_x[r] < qi * reach:
-                    r += 1
-            a0 = 0.0
-            a1 = 0.0
-            a2 = 0.0
-            for p in range(3, n_pairs):
-                acc[p] = 0.0
-            for j in range(rule_n[r]):
-                tq = (qs * (1.0 + sig * rule_t[r, j]) - q0) * inv_h
-                i0 = int(tq)
-                if i0 < 1:
-                    i0 = 1
-                if i0 > n_f - 3:
-                    i0 = n_f - 3
-                u = tq - i0
-                um = 1.0 - u
-                u2 = u * u
-                u3 = u2 * u
-                wj = rule_w[r, j] * (1.0 / 6.0)
-                w0 = wj * um * um * um
-                w1 = wj * (3.0 * u3 - 6.0 * u2 + 4.0)
-                w2 = wj * (-3.0 * u3 + 3.0 * u2 + 3.0 * u + 1.0)
-                w3 = wj * u3
-                o = i0
-                a0 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
-                if n_pairs > 1:
-                    o += n_f
-                    a1 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
-                if n_pairs > 2:
-                    o += n_f
-                    a2 += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
-                for p in range(3, n_pairs):
-                    o += n_f
-                    acc[p] += w0 * coef[b, o - 1] + w1 * coef[b, o] + w2 * coef[b, o + 1] + w3 * coef[b, o + 2]
-            acc[0] = a0
-            acc[1] = a1
-            acc[2] = a2
-            q2 = qi * qi * inv16pi2
-            total = 0.0
-            for s in range(n_s):
-                total += atoms[b, s] * ff_self[e, s, i]
-                tdw[s] = np.exp(-b_iso[b, s] * q2)
-            for p in range(n_pairs):
-                total += ff_pair[e, p, i] * tdw[pair_s[p]] * tdw[pair_t[p]] * acc[p]
-            out[b, i] = total
-
-
-def ladder_weights_batch(diameters_nm: np.ndarray, mean_nm: np.ndarray, dispersion_pct: np.ndarray) -> np.ndarray:
-    """`distribution.ladder_weights` for many (mean, dispersion) pairs on one ladder at once, shape (n, K).
-
-    Same hat-function integrals of the number-weighted lognormal (tests check equality with the scalar version).
-    """
-    from scipy.special import ndtr
-
-    d = np.asarray(diameters_nm, dtype=np.float64)
-    m = np.asarray(mean_nm, dtype=np.float64)
-    c = np.asarray(dispersion_pct, dtype=np.float64)
-    if np.any(m < d[0]) or np.any(m > d[-1]):
-        i = int(np.flatnonzero((m < d[0]) | (m > d[-1]))[0])
-        raise bad("mean_diameter_nm", float(m[i]), f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")
-    n, k = m.size, d.size
-    w = np.zeros((n, k))
-    zero = c == 0
-    if np.any(zero):
-        mz = m[zero]
-        j = np.minimum(np.searchsorted(d, mz, side="right") - 1, k - 2)
-        t = (mz - d[j]) / (d[j + 1] - d[j])
-        rows = np.flatnonzero(zero)
-        w[rows, j] = 1.0 - t
-        w[rows, j + 1] += t
-    pos = ~zero
-    if np.any(pos):
-        s2 = np.log1p((c[pos] / 100.0) ** 2)
-        mu = np.log(m[pos]) - s2 / 2.0
-        s = np.sqrt(s2)
-        z = (np.log(d)[None, :] - mu[:, None]) / s[:, None]
-        cdf = ndtr(z)
-        cdf_m = np.exp(mu + s2 / 2.0)[:, None] * ndtr(z - s[:, None])
-        p = np.diff(cdf, axis=1)
-        mm = np.diff(cdf_m, axis=1)
-        h = np.diff(d)[None, :]
-        wp = np.zeros((pos.sum(), k))
-        wp[:, :-1] += (d[None, 1:] * p - mm) / h
-        wp[:, 1:] += (mm - d[None, :-1] * p) / h
-        wp[:, 0] += cdf[:, 0]
-        wp[:, -1] += 1.0 - cdf[:, -1]
-        wp = np.clip(wp, 0.0, None)
-        w[pos] = wp / wp.sum(axis=1, keepdims=True)
-    return w
-
-
-@functools.lru_cache(maxsize=16)
-def _form_factor_tables(species: tuple[str, ...], q_key: tuple, energies: tuple[float, ...]):
-    """|f_s|^2 (E, S, Q) and 2 Re(f_s f_t*) (E, P, Q) per energy."""
-    q = np.asarray(q_key)
-    n = len(species)
-    pairs = [(s, t) for s in range(n) for t in range(s, n)]
-    ff_self = np.zeros((len(energies), n, q.size))
-    ff_pair = np.zeros((len(energies), len(pairs), q.size))
-    for e, kev in enumerate(energies):
-        f = scattering.form_factors(species, q, kev)
-        ff_self[e] = np.abs(f) ** 2
-        for p, (s, t) in enumerate(pairs):
-            ff_pair[e, p] = 2.0 * np.real(f[s] * np.conj(f[t]))
-    return ff_self, ff_pair, np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-
-
-def compose_family(tab: dict, q: np.ndarray, weights: np.ndarray, strain: np.ndarray, microstrain_pct: np.ndarray,
-                   b_iso: np.ndarray, energy_idx: np.ndarray, energies: tuple[float, ...], tol: float = 1e-5,
-                   batch: int = 512, rules=None) -> np.ndarray:
-    """Patterns (n, n_Q) float64 of n samples of one family: ladder weights (n, K), strain, microstrain (%),
-    B per species (n, S) and energy index per sample; electron units per particle (weights sum to one)."""
-    q = np.ascontiguousarray(q, dtype=np.float64)
-    species = tuple(tab["species"])
-    ff_self, ff_pair, ps, pt = _form_factor_tables(species, tuple(q.tolist()), tuple(energies))
-    nodes, wts, counts, xok = rules if rules is not None else quadrature_rules(tol)
-    n = weights.shape[0]
-    out = np.zeros((n, q.size))
-    fine_q0 = float(tab["fine_q0"])
-    fine_h = float(tab["fine_step"])
-    atoms_k = tab["atoms"]
-    rmax_k = tab["rmax_angstrom"]
-    big = atoms_k.sum(axis=1) ** 2
-    for a in range(0, n, batch):
-        sl = slice(a, min(n, a + batch))
-        w = weights[sl]
-        coef = w.astype(np.float32) @ tab["coef"]  # (b, P*F)
-        # the quadrature must resolve every cluster that carries intensity: largest pair distance among them
-        inten = w * big[None, :]
-        sig_k = inten >= 1e-7 * inten.max(axis=1, keepdims=True)
-        rmax = np.where(sig_k, rmax_k[None, :], 0.0).max(axis=1)
-        _compose_kernel(coef, int(tab["n_pairs"]), q, 1.0 + strain[sl], microstrain_pct[sl] / 100.0, rmax,
-                        energy_idx[sl].astype(np.int64), np.ascontiguousarray(b_iso[sl], dtype=np.float64),
-                        w @ atoms_k, ff_self, ff_pair, ps, pt, nodes, wts, counts, xok, fine_q0, fine_h, out[sl])
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -479,9 +168,7 @@ def _compose_shard(cfg, shard, families, specs, q, rules):
             continue
         dk = tab["diameters_nm"]
         w = ladder_weights_batch(dk, d["requested_mean_diameter_nm"][idx], d["requested_dispersion_pct"][idx])
-        m = w @ dk
-        mean_r[idx] = m
-        disp_r[idx] = 100.0 * np.sqrt(np.maximum(w @ dk**2 - m**2, 0.0)) / m
+        mean_r[idx], disp_r[idx] = realised_labels_batch(dk, w)
         atoms[idx] = w @ tab["atoms"].sum(axis=1)
         n_used[idx] = np.count_nonzero(w > 1e-12, axis=1)
         pat[idx] = compose_family(tab, q, w, d["strain"][idx], d["microstrain_pct"][idx], d["b_iso"][idx],
@@ -623,6 +310,16 @@ def _progress(console, disable: bool):
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=disable)
 
 
+def _frozen_instrument(cfg: cfgmod.DatasetConfig) -> dict | None:
+    """The resolution every frozen-split pattern is broadened with (their preset fixes it), as data for readers."""
+    from dataclasses import asdict
+
+    from qdsize.sim.augment import fixed_resolution
+
+    inst = fixed_resolution({"preset": cfg.augment.preset})  # the preset as augment_frozen applies it
+    return None if inst is None else asdict(inst)
+
+
 def new_manifest(loaded: cfgmod.Loaded, specs: list[dict], fine: FineGrid, q: np.ndarray, plan: list[dict]) -> dict:
     cfg = loaded.config.dataset
     per_split = {}
@@ -645,6 +342,7 @@ def new_manifest(loaded: cfgmod.Loaded, specs: list[dict], fine: FineGrid, q: np
                           "centre": s["centre"], "centre_seed": s["centre_seed"], "material": s["material"]}
                          for s in specs],
             "fine_grid": {"q0": fine.q0, "step": fine.step, "n": fine.n},
+            "frozen_instrument": _frozen_instrument(cfg),
             "plan": per_split, "shards": [], "runs": []}
 
 

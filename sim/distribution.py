@@ -42,34 +42,62 @@ def ladder_weights(diameters_nm, mean_diameter_nm: float, dispersion_pct: float)
     check_labels(mean_diameter_nm, dispersion_pct)
     if not d[0] <= mean_diameter_nm <= d[-1]:
         raise bad("mean_diameter_nm", mean_diameter_nm, f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")
-    w = np.zeros(d.size)
     if d.size == 1:
-        w[0] = 1.0
-        return w
-    if dispersion_pct == 0:
-        j = min(int(np.searchsorted(d, mean_diameter_nm, side="right")) - 1, d.size - 2)
-        t = (mean_diameter_nm - d[j]) / (d[j + 1] - d[j])
-        w[j], w[j + 1] = 1.0 - t, t
-        return w
-    mu, s = lognormal_params(mean_diameter_nm, dispersion_pct)
-    z = (np.log(d) - mu) / s
-    cdf = ndtr(z)  # P(D <= d_k)
-    cdf_m = np.exp(mu + s * s / 2.0) * ndtr(z - s)  # int_0^{d_k} D p(D) dD
-    p = np.diff(cdf)
-    m = np.diff(cdf_m)
-    h = np.diff(d)
-    w[:-1] += (d[1:] * p - m) / h
-    w[1:] += (m - d[:-1] * p) / h
-    w[0] += cdf[0]
-    w[-1] += 1.0 - cdf[-1]
-    w = np.clip(w, 0.0, None)
-    return w / w.sum()
+        return np.ones(1)
+    return ladder_weights_batch(d, np.array([mean_diameter_nm]), np.array([dispersion_pct]))[0]
+
+
+def ladder_weights_batch(diameters_nm: np.ndarray, mean_nm: np.ndarray, dispersion_pct: np.ndarray) -> np.ndarray:
+    """`ladder_weights` for many (mean, dispersion) pairs on one ladder (at least two sizes) at once, shape (n, K):
+    the same hat-function integrals of the number-weighted lognormal, the one implementation of both."""
+    d = np.asarray(diameters_nm, dtype=np.float64)
+    m = np.asarray(mean_nm, dtype=np.float64)
+    c = np.asarray(dispersion_pct, dtype=np.float64)
+    if np.any(m < d[0]) or np.any(m > d[-1]):
+        i = int(np.flatnonzero((m < d[0]) | (m > d[-1]))[0])
+        raise bad("mean_diameter_nm", float(m[i]), f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")
+    n, k = m.size, d.size
+    w = np.zeros((n, k))
+    zero = c == 0
+    if np.any(zero):
+        mz = m[zero]
+        j = np.minimum(np.searchsorted(d, mz, side="right") - 1, k - 2)
+        t = (mz - d[j]) / (d[j + 1] - d[j])
+        rows = np.flatnonzero(zero)
+        w[rows, j] = 1.0 - t
+        w[rows, j + 1] += t
+    pos = ~zero
+    if np.any(pos):
+        s2 = np.log1p((c[pos] / 100.0) ** 2)
+        mu = np.log(m[pos]) - s2 / 2.0
+        s = np.sqrt(s2)
+        z = (np.log(d)[None, :] - mu[:, None]) / s[:, None]
+        cdf = ndtr(z)
+        cdf_m = np.exp(mu + s2 / 2.0)[:, None] * ndtr(z - s[:, None])
+        p = np.diff(cdf, axis=1)
+        mm = np.diff(cdf_m, axis=1)
+        h = np.diff(d)[None, :]
+        wp = np.zeros((pos.sum(), k))
+        wp[:, :-1] += (d[None, 1:] * p - mm) / h
+        wp[:, 1:] += (mm - d[None, :-1] * p) / h
+        wp[:, 0] += cdf[:, 0]
+        wp[:, -1] += 1.0 - cdf[:, -1]
+        wp = np.clip(wp, 0.0, None)
+        w[pos] = wp / wp.sum(axis=1, keepdims=True)
+    return w
+
+
+def realised_labels_batch(diameters_nm, weights) -> tuple[np.ndarray, np.ndarray]:
+    """Number-weighted mean diameters (nm) and dispersions (%) of many distributions on one ladder: `weights`
+    (n, K), each row summing to one; the labels of the distributions actually composed."""
+    d = np.asarray(diameters_nm, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    mean = w @ d
+    return mean, 100.0 * np.sqrt(np.maximum(w @ d**2 - mean**2, 0.0)) / mean
 
 
 def realised_labels(diameters_nm, weights) -> tuple[float, float]:
     """Number-weighted mean diameter (nm) and dispersion (%) of the discrete distribution actually composed."""
-    d = np.asarray(diameters_nm, dtype=np.float64)
     w = np.asarray(weights, dtype=np.float64)
-    mean = float(np.sum(w * d) / np.sum(w))
-    var = float(np.sum(w * (d - mean) ** 2) / np.sum(w))
-    return mean, 100.0 * np.sqrt(max(var, 0.0)) / mean
+    mean, disp = realised_labels_batch(diameters_nm, (w / w.sum())[None])
+    return float(mean[0]), float(disp[0])

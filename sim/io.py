@@ -1,7 +1,8 @@
-"""Reading and writing files: xyz coordinates and two-column pattern files with a parameter header."""
+"""Reading and writing files: xyz coordinates, two-column pattern files with a parameter header, content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -9,6 +10,13 @@ import numpy as np
 
 from .cluster import Cluster, from_atoms
 from .errors import InputError
+
+
+def content_hash(data, length: int = 16) -> str:
+    """Hex SHA-256 of the canonical JSON of `data` (sorted keys, no whitespace), shortened: the key of configs,
+    datasets and cached families."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
 
 
 def read_xyz(path: str | Path) -> Cluster:

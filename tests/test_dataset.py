@@ -16,7 +16,7 @@ import pytest
 from qdsize.platform import config as cf
 from qdsize.platform import dataset as ds
 from qdsize.platform import simulate as sm
-from qdsize.sim import debye, distribution, pattern
+from qdsize.sim import compose, debye, distribution, ladder, pattern
 
 import clusterkit  # tests/clusterkit.py
 
@@ -26,6 +26,24 @@ TINY = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=160", "dataset.shar
         "dataset.splits={train: 0.75, val: 0.125, test: 0.125, benchmark: 0, seedgrid: 0}"]
 FROZEN = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=40", "dataset.shard_size=20",
           "dataset.splits={train: 0, val: 0, test: 0, benchmark: 0.5, seedgrid: 0.5}"]
+def hat_weights_by_quadrature(d, mean_nm, dispersion_pct, n=400_001):
+    """The ladder weights by brute force: the lognormal density times each hat function, summed on a dense grid
+    (trapezoid), the tails beyond the ladder added to its end sizes; or linear interpolation at zero dispersion."""
+    from scipy.stats import lognorm
+
+    d = np.asarray(d, dtype=float)
+    if dispersion_pct == 0:
+        return np.array([np.interp(mean_nm, d, row) for row in np.eye(d.size)])
+    s = np.sqrt(np.log1p((dispersion_pct / 100) ** 2))
+    dist = lognorm(s, scale=mean_nm * np.exp(-s * s / 2))
+    x = np.linspace(d[0], d[-1], n)
+    pdf = dist.pdf(x)
+    w = np.array([np.trapezoid(pdf * np.interp(x, d, row), x) for row in np.eye(d.size)])
+    w[0] += dist.cdf(d[0])
+    w[-1] += dist.sf(d[-1])
+    return w / w.sum()
+
+
 FAST_PATH_RTOL = 1e-4  # fast composition vs the exact pattern.compose, max over Q of |I_fast / I_exact - 1|
 
 
@@ -77,17 +95,18 @@ def test_fast_path_matches_exact_compose(home):
         (5.0, 25.0, 0.01, 0.5, 2.0, 2.0, 1), (2.0, 24.0, -0.006, 0.0, 3.0, 0.3, 0), (3.7, 4.0, 0.0, 0.05, 1, 1, 1)]
     worst = 0.0
     for spec in sm.family_specs(cfg):
-        tab = sm.get_family(spec, fine, sm.cache_dir())
+        tab = ladder.get_family(spec, fine, sm.cache_dir())
         tab["fine_q0"], tab["fine_step"] = fine.q0, fine.step
         stats = debye.PairStatistics.load(sm.cache_dir() / "families" / f"{spec['family_id']}.npz")
         assert np.all(np.diff(stats.diameters_nm) > 0)
         for m, c, s, ms, bpb, bs, e in cases:
             w1 = distribution.ladder_weights(stats.diameters_nm, m, c)
-            wb = sm.ladder_weights_batch(stats.diameters_nm, np.array([m, m]), np.array([c, c]))
+            wb = distribution.ladder_weights_batch(stats.diameters_nm, np.array([m, m]), np.array([c, c]))
             np.testing.assert_allclose(wb, np.stack([w1, w1]), rtol=0, atol=1e-13)
+            np.testing.assert_allclose(w1, hat_weights_by_quadrature(stats.diameters_nm, m, c), atol=2e-6)
             exact = pattern.compose(stats, q, m, c, strain=s, microstrain_pct=ms, b_iso={"Pb": bpb, "S": bs},
                                     energy_kev=energies[e]).intensity
-            fast = sm.compose_family(tab, q, w1[None], np.array([s]), np.array([ms]), np.array([[bpb, bs]]),
+            fast = compose.compose_family(tab, q, w1[None], np.array([s]), np.array([ms]), np.array([[bpb, bs]]),
                                      np.array([e]), energies, cfg.compose.quadrature_tol)[0]
             err = float(np.max(np.abs(fast / exact - 1.0)))
             worst = max(worst, err)
@@ -144,7 +163,7 @@ def test_round_trip_pyarrow_ray_data_torch_and_labels(home, reference, ray_local
     pats, labels = ds.load_split(out, "train", columns=None)
     sh0 = sm.plan_shards(cfg)[0]
     specs = sm.family_specs(cfg)
-    fams = [dict(sm.get_family(s, sm.fine_grid(cfg), sm.cache_dir()), fine_q0=sm.fine_grid(cfg).q0,
+    fams = [dict(ladder.get_family(s, sm.fine_grid(cfg), sm.cache_dir()), fine_q0=sm.fine_grid(cfg).q0,
                  fine_step=sm.fine_grid(cfg).step) for s in specs]
     cols, direct = sm.compose_shard(cfg, sh0, fams, specs, q)
     np.testing.assert_array_equal(pats[: sh0["rows"]], direct["pattern"])
@@ -201,7 +220,7 @@ def test_frozen_splits_are_augmented_deterministically(home, tmp_path):
     sh = next(p for p in sm.plan_shards(cfg) if p["split"] == "benchmark")
     specs = sm.family_specs(cfg)
     fine = sm.fine_grid(cfg)
-    fams = [dict(sm.get_family(s, fine, sm.cache_dir()), fine_q0=fine.q0, fine_step=fine.step) for s in specs]
+    fams = [dict(ladder.get_family(s, fine, sm.cache_dir()), fine_q0=fine.q0, fine_step=fine.step) for s in specs]
     _, again = sm.compose_shard(cfg, sh, fams, specs, sm.model_q(cfg))
     bench, _ = ds.load_split(ref, "benchmark", columns=[])
     np.testing.assert_array_equal(again["pattern"], bench[: sh["rows"]])
@@ -319,7 +338,7 @@ def test_killed_worker_loses_and_duplicates_nothing(home, ray_local, tmp_path):
     # the retried shard holds exactly what composing it without Ray gives
     specs = sm.family_specs(loaded.config.dataset)
     fine = sm.fine_grid(loaded.config.dataset)
-    fams = [dict(sm.get_family(s, fine, sm.cache_dir()), fine_q0=fine.q0, fine_step=fine.step) for s in specs]
+    fams = [dict(ladder.get_family(s, fine, sm.cache_dir()), fine_q0=fine.q0, fine_step=fine.step) for s in specs]
     for sh in plan[:3]:
         _, direct = sm.compose_shard(loaded.config.dataset, sh, fams, specs, sm.model_q(loaded.config.dataset))
         np.testing.assert_array_equal(pats[sh["start"]: sh["start"] + sh["rows"]], direct["pattern"])
