@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from qdsize.sim.contract import LABEL_COLUMNS, RESOLUTION_KEYS
 from qdsize.sim.errors import InputError
 
-from qdsize.platform import dataset as layout
+from . import shards as layout
 
-from .model import RESOLUTION_KEYS
-
-LABELS = layout.LABEL_COLUMNS
+LABELS = LABEL_COLUMNS
 
 
 def split_files(dataset_dir: str | Path, split: str) -> list[Path]:
@@ -96,17 +95,10 @@ def augment_batch(augment, x: torch.Tensor, gen: torch.Generator, resolution_kno
 
 
 def resolution_range(augment_cfg: dict) -> dict[str, list[float]]:
-    """[low, high] of each resolution parameter (RESOLUTION_KEYS) an augmentation config gives its patterns; 0 is
-    included where the broadening is not always applied (then the instrument is perfect)."""
+    """[low, high] of each resolution parameter an augmentation config gives its patterns (sim.augment)."""
     from qdsize.sim import augment
 
-    r = augment.config_from(augment_cfg).to_dict()["resolution"]
-    out = {}
-    for key in RESOLUTION_KEYS:
-        v = [float(t) for t in np.ravel(r[key])] if r.get("enabled") else [0.0]
-        lo = 0.0 if not r.get("enabled") or r.get("probability", 1.0) < 1.0 else min(v)
-        out[key] = [lo, max(v)]
-    return out
+    return augment.resolution_range(augment_cfg)
 
 
 def solvent_dilation(augment_cfg: dict) -> tuple[float, float]:
@@ -119,16 +111,18 @@ def solvent_dilation(augment_cfg: dict) -> tuple[float, float]:
 
 
 def instrument_of(dataset_dir: str | Path) -> np.ndarray | None:
-    """The resolution (RESOLUTION_KEYS) every pattern of the dataset's frozen splits was given, when their
-    augmentation preset fixes it (the `realistic` preset does); None when it varies or is unknown."""
+    """The resolution (RESOLUTION_KEYS) every pattern of the dataset's frozen splits was given, as its manifest
+    records it (`frozen_instrument`; for datasets made before it did, from their augmentation preset); None when it
+    varies or is unknown."""
     m = layout.read_manifest(dataset_dir) or {}
+    if "frozen_instrument" in m:
+        inst = m["frozen_instrument"]
+        return None if inst is None else np.asarray([inst[k] for k in RESOLUTION_KEYS], dtype=np.float32)
+    from qdsize.sim import augment
+
     preset = (((m.get("config") or {}).get("dataset") or {}).get("augment") or {}).get("preset")
-    if not preset or preset == "none":
-        return None
-    ranges = resolution_range({"preset": preset})
-    if any(hi > lo for lo, hi in ranges.values()):
-        return None
-    return np.asarray([lo for lo, _ in ranges.values()], dtype=np.float32)
+    inst = augment.fixed_resolution({"preset": preset}) if preset else None
+    return None if inst is None else np.asarray(inst.as_tuple(), dtype=np.float32)
 
 
 @dataclass

@@ -114,8 +114,7 @@ def fused_nll(mean: torch.Tensor, std: torch.Tensor, head_probs: torch.Tensor, e
 
 
 # Instrument resolution as the augmentation draws it: pseudo-Voigt FWHM(Q) = sqrt(fwhm0^2 + (fwhm_relative Q)^2) with
-# Lorentzian fraction eta. Scales: the tops of the default training ranges (conf/augment/default.yaml).
-RESOLUTION_KEYS = ("fwhm0_inv_angstrom", "fwhm_relative", "lorentz_fraction")
+# Lorentzian fraction eta. Scales: the tops of the default training ranges (sim/presets/default.yaml).
 RESOLUTION_SCALE = (0.05, 0.006, 0.2)
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qdsize.sim.contract import RESOLUTION_KEYS, Resolution
 from qdsize.sim.errors import InputError
 
 from . import evaluate, ood
-from .model import RESOLUTION_KEYS, ModelConfig, QDNet
+from .model import ModelConfig, QDNet
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
@@ -70,8 +71,6 @@ class Predictor:
         trained = self.card.get("resolution_trained") or {}
         if told is None or not trained:
             return []
-        from qdsize.ml.model import RESOLUTION_KEYS
-
         out = []
         for name, v in zip(RESOLUTION_KEYS, told):
             lo, hi = trained.get(name, (0.0, float("inf")))
@@ -155,21 +154,8 @@ class Predictor:
 
 def check_resolution(resolution) -> tuple[float, float, float]:
     """(fwhm0_inv_angstrom, fwhm_relative, lorentz_fraction) from 2 or 3 numbers (eta 0 if not given), checked;
-    a string is split at commas ("0.02,0.002")."""
-    try:
-        parts = resolution.split(",") if isinstance(resolution, str) else resolution
-        values = [float(v) for v in parts]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) == 2:
-        values.append(0.0)
-    if len(values) != 3 or not all(np.isfinite(values)):
-        raise InputError(f"resolution = {resolution!r}: expected fwhm0 (1/A), fwhm_relative and optionally the "
-                         "Lorentzian fraction, e.g. 0.02,0.002 or 0.02,0.002,0.1")
-    for name, v, hi in zip(RESOLUTION_KEYS, values, (0.5, 0.1, 1.0)):
-        if not 0 <= v <= hi:
-            raise InputError(f"resolution {name} = {v!r}: expected 0 <= value <= {hi}")
-    return tuple(values)
+    a string is split at commas ("0.02,0.002"). See `qdsize.sim.contract.Resolution`."""
+    return Resolution.parse(resolution).as_tuple()
 
 
 try:
@@ -181,6 +167,8 @@ try:
         Params (in the signature, so a served model takes them too): `resolution`, the instrument's as
         "fwhm0,fwhm_relative[,lorentz_fraction]" (as `qdsize predict --resolution`; "" = not known), and
         `model_uri`, the URI reported in the output."""
+
+        _skip_type_hint_validation = True  # input is a frame of floats, checked by the signature: no type hints
 
         def load_context(self, context):
             folder = Path(context.artifacts["qdsize_model"])

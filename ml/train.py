@@ -15,13 +15,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from qdsize.sim.contract import FROZEN_SPLITS
 from qdsize.sim.errors import bad
 
-from . import data, evaluate, ood
+from . import data, evaluate, ood, shards
 from .model import TARGET_SCALE, ModelConfig, QDNet, fuse, fused_nll, pick_device
-
-REGISTERED_MODEL = "qdsize-pbs"
-FROZEN_SPLITS = ("benchmark", "seedgrid")
 
 
 @dataclass
@@ -346,7 +344,7 @@ def fit_physics_check(dataset: str, q: np.ndarray, x_val: np.ndarray, mask_val: 
 def read_frozen_splits(dataset: str) -> dict[str, tuple[np.ndarray, dict]]:
     """The frozen, already augmented splits the dataset has, in memory: {split: (patterns, labels)}."""
     return {split: data.read_split(dataset, split) for split in FROZEN_SPLITS
-            if data.layout.split_files(dataset, split)}
+            if shards.split_files(dataset, split)}
 
 
 def frozen_split_scores(model: QDNet, frozen: dict, device, edges,

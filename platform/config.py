@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import types
@@ -15,6 +14,7 @@ from typing import Any
 import yaml
 
 from qdsize.sim.errors import InputError, bad
+from qdsize.sim.io import content_hash  # noqa: F401  (the configs' key, as datasets and caches use it)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Generic machinery (reused by train / sweep configs): dataclass schemas with per-class `check(path)` hooks
@@ -161,12 +161,6 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def content_hash(data, length: int = 16) -> str:
-    """Hex SHA-256 of the canonical JSON of `data` (sorted keys, no whitespace), shortened."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:length]
-
-
 @dataclass
 class Loaded:
     """A validated config: the typed object, the resolved plain dict and its content hash."""
@@ -205,8 +199,7 @@ def _range_pair(path: str, name: str, value: list[float], lo: float = -math.inf,
 # ----------------------------------------------------------------------------------------------------------------
 # Dataset config (conf/dataset/*.yaml)
 # ----------------------------------------------------------------------------------------------------------------
-SPLITS = ("train", "val", "test", "benchmark", "seedgrid")
-FROZEN_SPLITS = ("benchmark", "seedgrid")
+from qdsize.sim.contract import FROZEN_SPLITS, SPLITS  # noqa: E402,F401  (one definition, shared by every layer)
 
 
 @dataclass
@@ -392,7 +385,7 @@ class SeedgridConfig:
 
 
 @dataclass
-class AugmentConfig:
+class FrozenAugmentConfig:
     """Augmentation of the frozen splits (qdsize.sim.augment preset, fixed seed)."""
 
     preset: str = "realistic"
@@ -431,7 +424,7 @@ class DatasetConfig:
     nuisance: NuisanceConfig = field(default_factory=NuisanceConfig)
     splits: SplitsConfig = field(default_factory=SplitsConfig)
     seedgrid: SeedgridConfig = field(default_factory=SeedgridConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    augment: FrozenAugmentConfig = field(default_factory=FrozenAugmentConfig)
     compose: ComposeConfig = field(default_factory=ComposeConfig)
 
     def check(self, path):

@@ -10,7 +10,7 @@ from qdsize.sim.errors import InputError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # runs and models stay on the user's machine
 
-REGISTERED_MODEL = "qdsize-pbs"
+from qdsize.sim.contract import REGISTERED_MODEL  # noqa: E402
 CHAMPION = "champion"
 # how versions are compared on the frozen benchmark split: (metric, higher is better), in order of precedence
 RANKING = (("benchmark_joint_accuracy", True), ("benchmark_mean_diameter_mae_nm", False),

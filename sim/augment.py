@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from . import solvents
+from .contract import RESOLUTION_KEYS, Resolution
 from .errors import InputError, bad
 from .scattering import check_q
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "augment"
+PRESETS_DIR = Path(__file__).resolve().with_name("presets")  # package data: an installed wheel has them too
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 POISSON_EXACT_BELOW = 20.0  # expected counts below which Poisson counts are drawn exactly (inversion)
 POISSON_INVERSION_TERMS = 64  # P(X > 64 | lambda <= 20) < 1e-14
@@ -268,19 +269,42 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 
 def load_preset(preset: str | Path) -> dict:
-    """The mapping of a preset: `none` (all off), a name in conf/augment/, or a path to a YAML file."""
+    """The mapping of a preset: `none` (all off), a name in sim/presets/ (package data), or a path to a YAML file."""
     import yaml
 
     if str(preset) == "none":
         return AugmentConfig.disabled().to_dict()
     p = Path(preset)
     if not (p.suffix in (".yaml", ".yml") and p.exists()):
-        p = CONF_DIR / f"{preset}.yaml"
+        p = PRESETS_DIR / f"{preset}.yaml"
     if not p.exists():
-        names = sorted(x.stem for x in CONF_DIR.glob("*.yaml")) + ["none"]
+        names = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml")) + ["none"]
         raise bad("augment.preset", str(preset), f"one of {', '.join(names)} or a path to a YAML file")
     d = yaml.safe_load(p.read_text()) or {}
     return d.get("augment", d) if isinstance(d, dict) else d
+
+
+def resolution_range(augment_cfg: dict) -> dict[str, list[float]]:
+    """[low, high] of each resolution parameter (RESOLUTION_KEYS) an augmentation config gives its patterns; 0 is
+    included where the broadening is not always applied (then the instrument is perfect)."""
+    r = config_from(augment_cfg).to_dict()["resolution"]
+    out = {}
+    for key in RESOLUTION_KEYS:
+        v = [float(t) for t in np.ravel(r[key])] if r.get("enabled") else [0.0]
+        lo = 0.0 if not r.get("enabled") or r.get("probability", 1.0) < 1.0 else min(v)
+        out[key] = [lo, max(v)]
+    return out
+
+
+def fixed_resolution(augment_cfg: dict) -> Resolution | None:
+    """The one resolution every pattern of an augmentation config is given, when it fixes one (the `realistic`
+    preset does; no broadening at all is the perfect instrument, zeros); None when it varies or for `none`."""
+    if augment_cfg.get("preset") == "none":
+        return None
+    ranges = resolution_range(augment_cfg)
+    if any(hi > lo for lo, hi in ranges.values()):
+        return None
+    return Resolution(*(lo for lo, _ in ranges.values()))
 
 
 def config_from(cfg: dict | None) -> AugmentConfig:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import least_squares, nnls
 
+from .contract import Resolution
 from .errors import InputError
 
 # Cubic line-position standards: lattice parameter (A, NIST certificates near 22.5 C) and reflection rule.
@@ -48,13 +49,17 @@ class ResolutionFit:
     lines: list[Line] = field(default_factory=list)
 
     @property
+    def resolution(self) -> Resolution:
+        """The fitted law as the one Resolution every layer takes."""
+        return Resolution(self.fwhm0_inv_angstrom, self.fwhm_relative, self.lorentz_fraction)
+
+    @property
     def argument(self) -> str:
         """The value for `qdsize predict --resolution`."""
-        return f"{self.fwhm0_inv_angstrom:.3g},{self.fwhm_relative:.3g},{self.lorentz_fraction:.2g}"
+        return self.resolution.argument
 
     def fwhm_at(self, q_inv_angstrom) -> np.ndarray:
-        q = np.asarray(q_inv_angstrom, dtype=float)
-        return np.sqrt(self.fwhm0_inv_angstrom**2 + (self.fwhm_relative * q) ** 2)
+        return self.resolution.fwhm_at(q_inv_angstrom)
 
 
 def check_standard(name: str) -> str:
