@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from qdsize.platform.cli import app
+from qdsize.platform.cli_app import app
 from qdsize.sim.errors import InputError
 
 
@@ -71,7 +71,7 @@ def resolution_warnings(predictor, told) -> list[str]:
     """What a user should know about the resolution they gave: ignored by an older model, or outside training."""
     if not predictor.takes_resolution:
         return [f"--resolution: model {predictor.model_uri} was trained without a resolution input; ignored"]
-    from qdsize.ml.model import RESOLUTION_KEYS
+    from qdsize.sim.contract import RESOLUTION_KEYS
 
     trained = predictor.card.get("resolution_trained") or {}
     out = []
@@ -94,7 +94,7 @@ def evaluate(
     """Score a model on dataset splits (the frozen ones by default) with the training metrics and figures."""
     from qdsize.ml import data, evaluate as ev, predict
     from qdsize.platform import tracking
-    from qdsize.platform.config import FROZEN_SPLITS
+    from qdsize.sim.contract import FROZEN_SPLITS
 
     tracking.setup(tracking_uri)
     pred_model = predict.load(model_uri)

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from qdsize.platform.cli import app
+from qdsize.platform.cli_app import app
 from qdsize.sim.errors import InputError
 
 model_app = typer.Typer(add_completion=False, no_args_is_help=True,
