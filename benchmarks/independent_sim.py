@@ -18,7 +18,13 @@ The patterns go through `qdsize predict`'s resampling onto the model's grid. Eac
 `qdsize predict` runs by default) and told each pattern's resolution (as `--resolution` from a calibrant): MAE,
 the fraction within 0.25 nm and 2.5 points, the coverage of the stated 1 and 2 sigma, and how many are flagged.
 
+With --refine N, N of the patterns are also refined from the first model's blind answer as `qdsize predict
+--refine` does (sim/refine.py, its guard included): the network's, the reported (guarded) and the raw refined MAE
+by subset, how many refinements were accepted and why not, and the time per pattern; --clean does the same on the
+particles' clean patterns.
+
     .venv/bin/python benchmarks/independent_sim.py MODEL [MODEL ...] [--samples 1500] [--keep DIR]
+    .venv/bin/python benchmarks/independent_sim.py builtin --samples 600 --keep DIR --refine 60 --clean
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from rich.table import Table
 
 A_PBS = 5.936  # rock-salt lattice parameter (A)
 SHAPES = ("sphere", "cube_pb_rich", "octahedron")
+MATCHED = {"sphere": ("sphere", "as_cut"), "cube_pb_rich": ("cube", "cation_rich"),
+           "octahedron": ("octahedron", "as_cut")}  # qdsize's nearest model of each (--refine-shape matched)
 
 
 def ladder(shape: str, max_diameter_nm: float, step_nm: float, rng: np.random.Generator):
@@ -103,6 +111,14 @@ def sample(q, d, pair, self_part, rng: np.random.Generator) -> tuple[np.ndarray,
     true_cv = float(math.sqrt(max(w @ (d - true_mean) ** 2, 0.0)) / true_mean * 100)
     b_iso = rng.uniform(0.5, 2.5)
     y = np.exp(-b_iso * q ** 2 / (8 * math.pi ** 2)) * (w @ pair) + w @ self_part
+    q_measured, y_measured, conditions = experiment(q, y, rng)
+    return q_measured, y_measured, {"mean_diameter_nm": true_mean, "dispersion_pct": true_cv, "b_iso": b_iso,
+                                    "clean": y, **conditions}
+
+
+def experiment(q: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A clean pattern made experiment-like: (Q measured, intensity, conditions). Resolution, what a blank
+    subtraction leaves, Poisson noise, a Q-axis error and a Q range, as the module docstring says."""
     # instrument: Gaussian FWHM(Q) as a row-normalised matrix
     f0, rel = math.exp(rng.uniform(math.log(0.008), math.log(0.04))), rng.uniform(0.0005, 0.003)
     sigma = np.sqrt(f0 ** 2 + (rel * q) ** 2) / (2 * math.sqrt(2 * math.log(2)))
@@ -120,8 +136,7 @@ def sample(q, d, pair, self_part, rng: np.random.Generator) -> tuple[np.ndarray,
     y = rng.poisson(y * scale) / scale
     q_measured = q * (1 + rng.uniform(-0.003, 0.003))
     keep = (q_measured >= rng.uniform(0.6, 1.15)) & (q_measured <= rng.uniform(7.5, 14.0))
-    truth = {"mean_diameter_nm": true_mean, "dispersion_pct": true_cv, "resolution": (f0, rel, 0.0)}
-    return q_measured[keep], y[keep], truth
+    return q_measured[keep], y[keep], {"resolution": (f0, rel, 0.0), "max_counts": counts}
 
 
 def scores(pred: dict, d: np.ndarray, s: np.ndarray) -> dict:
@@ -131,6 +146,109 @@ def scores(pred: dict, d: np.ndarray, s: np.ndarray) -> dict:
     return {"MAE nm": err.mean(), "within 0.25 nm": np.mean(err <= 0.25), "disp. MAE pts": s_err.mean(),
             "joint within": np.mean((err <= 0.25) & (s_err <= 2.5)), "1 sigma": np.mean(z <= 1),
             "2 sigma": np.mean(z <= 2), "bias nm": float(np.mean(pred["mean_diameter"] - d))}
+
+
+def refine_subsets(d: np.ndarray, shape_of: np.ndarray) -> dict:
+    """Subsets scored for the refinement: all, each shape, each 1-nm size bin."""
+    groups = {"all": np.ones(len(d), bool), **{sh: shape_of == sh for sh in SHAPES}}
+    for lo in range(2, 10):
+        sel = (d >= lo) & (d < lo + 1)
+        if sel.any():
+            groups[f"{lo}-{lo + 1} nm"] = sel
+    return groups
+
+
+def refine_benchmark(args, predictor, x, mask, truth, shape_of, console) -> dict:
+    """Refine N patterns from the network's blind answers; print network / guarded / raw refined MAE by subset,
+    the acceptance rate and the time per pattern (and the same for the clean patterns with --clean)."""
+    import time
+
+    from qdsize.ml import evaluate
+    from qdsize.sim import refine as rf
+
+    pick = np.unique(np.linspace(0, len(truth) - 1, min(args.refine, len(truth))).round().astype(int))
+    pred = evaluate.predict_arrays(predictor.model, x[pick], mask[pick])
+    rng = np.random.default_rng(args.seed + 1000)
+    cases = {"experiment-like": [(t["q_measured"], t["y_measured"]) for t in (truth[i] for i in pick)]}
+    if args.clean:
+        q_clean = truth[0]["q"]
+        keep = (q_clean >= 1.0) & (q_clean <= 10.0)
+        cases["clean"] = []
+        for i in pick:
+            c = truth[i]["clean"][keep]
+            scale = 1e5 / c.max()
+            cases["clean"].append((q_clean[keep], rng.poisson(c * scale).astype(np.float64)))
+    from qdsize.sim import measured
+
+    d = np.array([truth[i]["mean_diameter_nm"] for i in pick])
+    q_hi = max(float(qq[-1]) for pats in cases.values() for qq, _ in pats)
+    # one table per model family for all patterns: built once
+    lad_range = rf.fit_ladder_range(np.array([1.0, q_hi]))[:2]
+    if args.refine_shape != "matched":  # the families `qdsize predict --refine --shape SHAPE` tries
+        from qdsize.platform.cli_refine import check_options
+
+        cli_models = check_options({"shape": args.refine_shape}).get("models") or [{"shape": args.refine_shape}]
+        auto = {(m["shape"], m.get("surface", rf.DEFAULT_LADDER["surface"])): rf.load_ladder(*lad_range, spec=m)
+                for m in cli_models}
+    else:
+        models = {sh: {"shape": MATCHED[sh][0], "surface": MATCHED[sh][1]} for sh in SHAPES}
+        ladders = {sh: rf.load_ladder(*lad_range, spec=spec) for sh, spec in models.items()}
+    out = {}
+    for kind, pats in cases.items():
+        if kind == "clean":  # the network's answer on the clean pattern is the start there
+            xs, ms = zip(*[measured.resample(measured.MeasuredPattern(qq, yy, None, "clean", "q_A"),
+                                             predictor.q_inv_angstrom)[:2] for qq, yy in pats])
+            p = evaluate.predict_arrays(predictor.model, np.array(xs), np.array(ms))
+        else:
+            p = pred
+        net, rep, raw, acc, secs, why = [], [], [], [], [], []
+        for k, (qq, yy) in enumerate(pats):
+            start = {"mean_diameter_nm": float(p["mean_diameter"][k]),
+                     "mean_diameter_std_nm": float(p["mean_diameter_std"][k]),
+                     "size_dispersion_pct": float(max(p["dispersion"][k], 0.0)),
+                     "size_dispersion_std_pct": float(p["dispersion_std"][k])}
+            t = time.perf_counter()
+            try:
+                if args.refine_shape != "matched":  # as `qdsize predict --refine` does
+                    r = rf.refine_models(qq, yy, start, models=cli_models, ladders=auto,
+                                         name=f"pattern {pick[k]}").refined
+                else:
+                    r = rf.refine(qq, yy, start, ladder=ladders[shape_of[pick[k]]], name=f"pattern {pick[k]}").refined
+                rep.append(r["answer"]["mean_diameter_nm"])
+                raw.append(r["mean_diameter_nm"])
+                acc.append(r["accepted"])
+                why.append(r["verdict"])
+            except Exception as exc:  # noqa: BLE001 -- a benchmark counts failures, it does not stop on them
+                rep.append(start["mean_diameter_nm"])
+                raw.append(np.nan)
+                acc.append(False)
+                why.append(f"error: {exc}")
+            secs.append(time.perf_counter() - t)
+            net.append(start["mean_diameter_nm"])
+        net, rep, raw, acc = np.array(net), np.array(rep), np.array(raw), np.array(acc)
+        table = Table("subset", "n", "network MAE nm", "reported MAE nm", "difference", "raw refined MAE nm",
+                      "accepted", "accepted: network / refined MAE", title=f"refinement, {kind} patterns")
+        figs = {}
+        for g, sel in refine_subsets(d, shape_of[pick]).items():
+            e_net, e_rep, e_raw = (np.abs(v[sel] - d[sel]) for v in (net, rep, raw))
+            a = acc[sel]
+            figs[g] = {"n": int(sel.sum()), "network_mae_nm": float(e_net.mean()),
+                       "reported_mae_nm": float(e_rep.mean()),
+                       "raw_refined_mae_nm": float(np.nanmean(e_raw)) if np.isfinite(e_raw).any() else None,
+                       "accepted": float(a.mean())}
+            table.add_row(g, str(sel.sum()), f"{e_net.mean():.3f}", f"{e_rep.mean():.3f}",
+                          f"{e_rep.mean() - e_net.mean():+.3f}",
+                          f"{np.nanmean(e_raw):.3f}" if np.isfinite(e_raw).any() else "-", f"{a.mean():.2f}",
+                          f"{e_net[a].mean():.3f} / {e_rep[a].mean():.3f}" if a.any() else "-")
+        console.print(table)
+        reasons = {}
+        for w in why:
+            key = w.split(" (")[0].split(",")[0][:70]
+            reasons[key] = reasons.get(key, 0) + 1
+        console.print(f"{kind}: {np.median(secs):.2f} s a refinement (median; max {max(secs):.2f} s); verdicts: "
+                      + "; ".join(f"{n} x {k}" for k, n in sorted(reasons.items(), key=lambda kv: -kv[1])))
+        out[kind] = {"subsets": figs, "seconds_median": float(np.median(secs))}
+    return out
 
 
 def main() -> None:
@@ -143,6 +261,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--keep", metavar="DIR", help="keep the DebyeCalculator ladders in DIR (reused when present)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON (`qdsize model export --figures`)")
+    ap.add_argument("--refine", type=int, default=0, metavar="N",
+                    help="also refine N of the patterns (spread over the set) from the first model's blind answer "
+                         "(`qdsize predict --refine`): network, guarded and raw refined MAE by subset")
+    ap.add_argument("--refine-shape", default="auto",
+                    help="with --refine: the model's shape as `qdsize predict --refine --shape` takes it ('auto': the "
+                         "best of qdsize.sim.refine.AUTO_MODELS; a shape: it with each of AUTO_SURFACES), or 'matched' "
+                         "(each pattern's own shape and surface, one family)")
+    ap.add_argument("--clean", action="store_true",
+                    help="with --refine: also refine the same particles' clean patterns (Q 1-10 1/A, no instrument or "
+                         "background, Poisson noise at 10^5 counts)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from qdsize.ml import evaluate
@@ -161,6 +289,10 @@ def main() -> None:
         q, d, pair, self_part = ladder_intensities(shape, args.max_diameter, args.step, args.seed + k, keep)
         for _ in range(args.samples // len(SHAPES)):
             qm, y, t = sample(q, d, pair, self_part, rng)
+            if args.refine:
+                t.update(q=q, q_measured=qm, y_measured=y)
+            else:
+                t.pop("clean")
             pattern = measured.MeasuredPattern(qm, y, None, f"{shape} sample", "q_A")
             xi, mi, _ = measured.resample(pattern, grid)  # zero where not measured
             x.append(xi)
@@ -209,6 +341,8 @@ def main() -> None:
     console.print(f"{len(d)} patterns: DebyeCalculator ladders of {', '.join(SHAPES)} (2-{args.max_diameter:g} nm, "
                   f"step {args.step:g} nm), mean diameters 2.5-10 nm, dispersion 0-15 %; coverage: the fraction "
                   "whose error lies within 1 and 2 stated standard deviations (0.683 and 0.954 if honest)")
+    if args.refine:
+        refine_benchmark(args, next(iter(predictors.values())), x, mask, truth, shape_of, console)
     if args.json:
         from external import write_json
 

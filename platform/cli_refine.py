@@ -10,11 +10,13 @@ from typing import Optional
 import numpy as np
 import typer
 
-from qdsize.platform.cli import app
+from qdsize.platform.cli_app import app
 from qdsize.sim.errors import InputError, bad
 
 ESTIMATE_KEYS = ("mean_diameter_nm", "size_dispersion_pct")
-OPTION_KEYS = ("ladder_spec", "q_range", "background_degree", "solvent", "capillary", "compton",
+STD_KEYS = ("mean_diameter_std_nm", "size_dispersion_std_pct")  # the network's uncertainties: the guard uses them
+OPTION_KEYS = ("ladder_spec", "shape", "surface", "q_range", "background", "background_degree", "background_spacing",
+               "solvent", "capillary", "compton", "resolution", "q_zero", "n_starts", "network_prior",
                "refine_microstrain", "microstrain_pct")
 
 
@@ -80,9 +82,15 @@ def refine_one(f, start: dict, *, x_unit=None, wavelength_angstrom=None, energy_
     from qdsize.sim import refine as rf
 
     pat, en = _read(f, x_unit, wavelength_angstrom, energy_kev)
+    opts = dict(options or {})
+    models = opts.pop("models", None)
     try:
-        res = rf.refine(pat.q_inv_angstrom, pat.intensity, start, sigma=pat.sigma, energy_kev=en, name=str(f),
-                        **(options or {}))
+        if models:  # shape "auto": each candidate family, the best kept, their spread in the uncertainty
+            res = rf.refine_models(pat.q_inv_angstrom, pat.intensity, start, models=models, sigma=pat.sigma,
+                                   energy_kev=en, name=str(f), **opts)
+        else:
+            res = rf.refine(pat.q_inv_angstrom, pat.intensity, start, sigma=pat.sigma, energy_kev=en, name=str(f),
+                            **opts)
     except InputError as exc:
         msg = str(exc)
         raise InputError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
@@ -118,38 +126,43 @@ def _prebuild(files, kw):
         q = q[(q >= (q_range[0] or 1.0)) & (q <= (q_range[1] or np.inf))]
         if q.size < 2:
             continue
-        micro = (rf.BOUNDS["microstrain_pct"][1] if opts.get("refine_microstrain", True)
-                 else opts.get("microstrain_pct", 0.0))
-        key = (float(q[0]), float(q[-1]), micro)  # as refine() loads it
-        if key not in done:
-            try:
-                rf.load_ladder(key[0], key[1], spec=opts.get("ladder_spec"), microstrain_max_pct=micro)
-            except InputError:
-                continue
-            done.add(key)
+        try:  # as refine() loads it
+            key = rf.fit_ladder_range(q, resolution=opts.get("resolution", "fit"), q_zero=opts.get("q_zero", True),
+                                      refine_microstrain=opts.get("refine_microstrain", False),
+                                      microstrain_pct=opts.get("microstrain_pct", 0.0))
+            for spec in opts.get("models") or [{}]:
+                full = {**(opts.get("ladder_spec") or {}), **spec}
+                k = (key, tuple(sorted(full.items())))
+                if k not in done:
+                    rf.load_ladder(key[0], key[1], spec=full, microstrain_max_pct=key[2])
+                    done.add(k)
+        except InputError:
+            continue
 
 
 def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angstrom=None, energy_kev=None,
-                options: dict | None = None, address: str | None = None, use_ray: bool | None = None) -> list:
+                options: dict | None = None, address: str | None = None, use_ray: bool | None = None,
+                progress: bool | None = None) -> list:
     """Refine every file from its start; each entry is (RefineResult, warnings) or an error line.
 
     Ray runs the batch when there is more than one file and more than one core (or a cluster address);
     otherwise a plain loop in this process.
     """
+    from qdsize.platform import textout
+    from qdsize.platform.workspace import home
+
     kw = {"x_unit": x_unit, "wavelength_angstrom": wavelength_angstrom, "energy_kev": energy_kev,
-          "options": dict(options or {})}
+          "options": dict(options or {}), "workspace": str(home())}  # one family cache, here and on workers
     address = address or os.environ.get("RAY_ADDRESS") or None
     if use_ray is None:
         use_ray = len(files) > 1 and ((os.cpu_count() or 1) > 1 or address is not None)
     if not use_ray:
-        return [_safe_one(f, s, kw) for f, s in zip(files, starts)]
+        return [_safe_one(f, s, kw) for f, s in textout.progress(list(zip(files, starts)), "refining", progress)]
     from qdsize.platform.simulate import init_ray
-    from qdsize.platform.workspace import home
     from qdsize.sim import refine as rf
 
-    # workers get the resolved ladder and the workspace explicitly: same family cache, same model
+    # workers get the resolved ladder explicitly: the same model as here
     kw["options"]["ladder_spec"] = {**rf.DEFAULT_LADDER, **(kw["options"].get("ladder_spec") or {})}
-    kw["workspace"] = str(home())
     _prebuild(files, kw)
     import ray
 
@@ -157,25 +170,76 @@ def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angs
     try:
         task = ray.remote(num_cpus=1, max_retries=1)(_safe_one)
         kw_ref = ray.put(kw)
-        return ray.get([task.remote(str(f), s, kw_ref) for f, s in zip(files, starts)])
+        refs = [task.remote(str(f), s, kw_ref) for f, s in zip(files, starts)]
+        pending = list(refs)
+        for _ in textout.progress(range(len(refs)), "refining", progress):  # one step per finished file
+            _, pending = ray.wait(pending, num_returns=1)
+        return ray.get(refs)
     finally:
         if started:
             ray.shutdown()
 
 
-def refine_rows(rows: list[dict], files: list, *, x_unit=None, wavelength_angstrom=None, energy_kev=None,
-                plot: Path | None = None, address: str | None = None, use_ray: bool | None = None,
-                **options) -> list[dict]:
-    """The network's rows (one per file, in order) with a `refined` object added: the refined values, or
-    {"error": "..."} for a file that could not be refined. Options go to `qdsize.sim.refine.refine`."""
-    if len(rows) != len(files):
-        raise bad("rows", f"{len(rows)} rows for {len(files)} files", "one estimate row per file")
+def check_options(options: dict) -> dict:
+    """Refinement options for `qdsize.sim.refine.refine`, checked: `shape` and `surface` go into the ladder spec,
+    `solvent` / `capillary` are a name or names (None or () for none)."""
+    from qdsize.sim import cluster, solvents
+
     unknown = sorted(set(options) - set(OPTION_KEYS))
     if unknown:
         raise bad("options", unknown, f"refinement options among {list(OPTION_KEYS)}")
-    starts = [{k: r[k] for k in ESTIMATE_KEYS} for r in rows]
+    from qdsize.sim import refine as rf
+
+    opts = dict(options)
+    spec = dict(opts.pop("ladder_spec", None) or {})
+    shape = opts.pop("shape", None) or spec.pop("shape", None) or "auto"
+    surface = opts.pop("surface", None) or spec.pop("surface", None)
+    if surface is not None and surface not in ("cation_rich", "stoichiometric", "as_cut"):
+        raise bad("surface", surface, "cation_rich (Pb-rich), stoichiometric or as_cut")
+    if shape == "auto":  # the best of the candidate families (a given surface applies to each)
+        models = [{**m, **({"surface": surface} if surface else {})} for m in rf.AUTO_MODELS]
+        opts["models"] = [dict(t) for t in dict.fromkeys(tuple(sorted(m.items())) for m in models)]
+    else:
+        cluster.parse_shape(shape)
+        spec["shape"] = shape
+        if surface is not None:
+            spec["surface"] = surface
+        else:  # a shape without a surface: both surfaces tried, their spread in the uncertainty
+            opts["models"] = [{"shape": shape, "surface": sf} for sf in rf.AUTO_SURFACES]
+    if spec:
+        opts["ladder_spec"] = spec
+    for key, check in (("solvent", solvents.check_solvent), ("capillary", solvents.check_capillary)):
+        v = opts.get(key)
+        if v is None:
+            opts.pop(key, None)
+            continue
+        names = (v,) if isinstance(v, str) else tuple(v)
+        opts[key] = tuple(check(n, key) for n in names)
+    return opts
+
+
+def refine_rows(rows: list[dict], files: list, *, x_unit=None, wavelength_angstrom=None, energy_kev=None,
+                plot: Path | None = None, address: str | None = None, use_ray: bool | None = None,
+                progress: bool | None = None, **options) -> list[dict]:
+    """The network's rows (one per file, in order) with a `refined` object added: the refined values with the
+    guard's verdict (`accepted`, `verdict`, and `answer`: what to report, the refinement's or the network's), or
+    {"error": "..."} for a file that could not be refined. The network's uncertainties in the rows
+    (mean_diameter_std_nm, size_dispersion_std_pct) feed the guard. Options (OPTION_KEYS) go to
+    `qdsize.sim.refine.refine`; among them shape="sphere" | "cube" | "cuboctahedron" | "truncated_octahedron" |
+    "octahedron" | "polyhedron:RHO" | "auto" (default: the best by chi-square of qdsize.sim.refine.AUTO_MODELS, the
+    spread between them added to the uncertainty), surface="cation_rich" | "stoichiometric" | "as_cut" (default:
+    each model's own), and solvent= a name or a sequence of names (toluene, hexane, octane, chloroform, water),
+    each a background curve with a free amplitude; resolution="fit" | "none" | (fwhm0, rel) from a calibrant.
+    A shape without a surface is fitted with each of AUTO_SURFACES; a shape and a surface, with that family alone.
+    A ladder_spec={"shape": ...} (older callers) is read as shape=."""
+    if len(rows) != len(files):
+        raise bad("rows", f"{len(rows)} rows for {len(files)} files", "one estimate row per file")
+    options = check_options(options)
+    starts = [{**{k: r[k] for k in ESTIMATE_KEYS}, **{k: r[k] for k in STD_KEYS if r.get(k) is not None}}
+              for r in rows]
     results = refine_many(list(files), starts, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,
-                          energy_kev=energy_kev, options=options, address=address, use_ray=use_ray)
+                          energy_kev=energy_kev, options=options, address=address, use_ray=use_ray,
+                          progress=progress)
     out = []
     for f, r, res in zip(files, rows, results):
         row = dict(r)
@@ -198,7 +262,8 @@ def refine_rows(rows: list[dict], files: list, *, x_unit=None, wavelength_angstr
 # Figure
 # ----------------------------------------------------------------------------------------------------------------
 def plot_refinement(out_png, result, title: str = "") -> Path:
-    """Data, model and background (top), and the difference data - model (bottom, same units)."""
+    """Data and fit with its parts, the particles and each background term (top), and the difference data - model
+    with its +-2 sigma band (bottom, same units); the guard's verdict in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,23 +271,31 @@ def plot_refinement(out_png, result, title: str = "") -> Path:
 
     r = result.refined
     q = result.q_inv_angstrom
-    fig, (ax, ad) = plt.subplots(2, 1, figsize=(9, 6), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, ad) = plt.subplots(2, 1, figsize=(9, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot(q, result.data, ".", ms=1.5, color="k", label="data")
-    ax.plot(q, result.model, lw=1.0, color="tab:red", label="model")
-    ax.plot(q, result.background, lw=1.0, color="tab:blue", label="background")
+    ax.plot(q, result.model, lw=1.0, color="tab:red", label="fit")
+    colours = iter(["tab:purple", "tab:blue", "tab:cyan", "tab:olive", "tab:brown", "tab:pink", "tab:gray"])
+    for nm, curve in result.components.items():
+        ax.plot(q, curve, lw=0.9, ls="-" if nm == "particles" else "--", color=next(colours, "0.5"), label=nm)
+    if not result.components:
+        ax.plot(q, result.background, lw=1.0, color="tab:blue", label="background")
     ax.set_ylabel("intensity (data units)")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, ncol=2)
     b = ", ".join(f"B({el}) {v:.2f}" for el, v in r["b_iso"].items())
-    flag = f"  [{', '.join(r['flags'])}]" if r["flags"] else ""
-    ax.set_title(f"{Path(title).name}: {r['mean_diameter_nm']:.3f} ± {r['mean_diameter_std_nm']:.3f} nm, "
-                 f"{r['size_dispersion_pct']:.2f} ± {r['size_dispersion_std_pct']:.2f} %, a = "
-                 f"{r['lattice_parameter_angstrom']:.4f} A, {b}\nRwp {r['rwp']:.4f}, reduced chi2 "
-                 f"{r['reduced_chi2']:.3g}{flag}", fontsize=9)
-    ad.plot(q, result.data - result.model, lw=0.7, color="tab:green")
+    res = r.get("resolution") or {}
+    inst = f", FWHM0 {res['fwhm0_inv_angstrom']:.4f} 1/A, REL {res['fwhm_rel']:.4f}" if "fwhm0_inv_angstrom" in res \
+        else ""
+    verdict = r.get("verdict", "")
+    ax.set_title(f"{Path(title).name}: {_pm_refined(r, 'mean_diameter_nm', 'mean_diameter_std_nm', 3)} nm, "
+                 f"{_pm_refined(r, 'size_dispersion_pct', 'size_dispersion_std_pct', 2)} %, a = "
+                 f"{r['lattice_parameter_angstrom']:.4f} A, {b}{inst}\nRwp {r['rwp']:.4f}, reduced chi2 "
+                 f"{r['reduced_chi2']:.3g}; refinement {verdict}", fontsize=8.5,
+                 color="k" if r.get("accepted", True) else "tab:red")
+    ad.plot(q, result.data - result.model, lw=0.7, color="tab:green", label="data - fit")
     ad.fill_between(q, -2 * result.sigma, 2 * result.sigma, color="0.85", lw=0, label="±2 sigma")
     ad.axhline(0, color="k", lw=0.5)
     ad.set_xlabel(r"$Q$ (1/$\AA$)")
-    ad.set_ylabel("data - model")
+    ad.set_ylabel("residual")
     ad.legend(frameon=False, fontsize=8, loc="upper right")
     for a in (ax, ad):
         a.grid(alpha=0.25)
@@ -238,33 +311,49 @@ def plot_refinement(out_png, result, title: str = "") -> Path:
 # Command
 # ----------------------------------------------------------------------------------------------------------------
 def _pm(value, std, digits: int) -> str:
-    """'value ± std', or 'value ± ?' when the uncertainty is undetermined (singular covariance)."""
-    return f"{value:.{digits}f} ± " + ("?" if std is None else f"{std:.{digits}f}")
+    """'value ± std', or 'value (at bound)' / 'value ± ?' when the uncertainty is undetermined (a parameter at a
+    bound, a singular covariance): never a fake '± 0.000'."""
+    if std is None:
+        return f"{value:.{digits}f} ± ?"
+    return f"{value:.{digits}f} ± {std:.{digits}f}"
+
+
+def _pm_refined(ref: dict, key: str, std_key: str, digits: int) -> str:
+    """A refined label with its uncertainty, or '(at bound)' when its parameter ended on a bound."""
+    if key in ref.get("at_bound", []):
+        return f"{ref[key]:.{digits}f} (at bound)"
+    return _pm(ref[key], ref[std_key], digits)
 
 
 def emit_refined(rows: list[dict], fmt: str) -> None:
-    """Print rows that carry a `refined` object: a table of network vs refined values, or JSON."""
+    """Print rows that carry a `refined` object: a table of the network's and the refined values, the guard's
+    verdict and the answer to report, or JSON."""
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=1))
         return
-    from rich.console import Console
-    from rich.table import Table
+    from qdsize.platform import textout
 
-    table = Table("file", "network (nm, %)", "refined mean (nm)", "refined dispersion (%)", "a (A)", "B (A^2)",
-                  "Rwp", "chi2/dof", "flags")
+    table = []
     for r in rows:
         ref = r["refined"]
         net = f"{r['mean_diameter_nm']:.2f}, {r['size_dispersion_pct']:.1f}"
         if "error" in ref:
-            table.add_row(Path(r["file"]).name, net, "-", "-", "-", "-", "-", "-", "error")
+            table.append([Path(r["file"]).name, net, "-", "-", "-", "-", "-", net, "error: see below"])
             continue
-        table.add_row(Path(r["file"]).name, net,
-                      _pm(ref["mean_diameter_nm"], ref["mean_diameter_std_nm"], 3),
-                      _pm(ref["size_dispersion_pct"], ref["size_dispersion_std_pct"], 2),
+        ans = ref.get("answer") or {}
+        answer = f"{ans.get('mean_diameter_nm', r['mean_diameter_nm']):.2f}, " \
+                 f"{ans.get('size_dispersion_pct', r['size_dispersion_pct']):.1f} ({ans.get('source', 'network')})"
+        verdict = ref.get("verdict", "")
+        if ref.get("flags"):
+            extra = [f for f in ref["flags"] if f not in ("moved_beyond_uncertainty",) and not f.startswith("at_bound")]
+            verdict += f" [{', '.join(extra)}]" if extra else ""
+        table.append([Path(r["file"]).name, net,
+                      _pm_refined(ref, "mean_diameter_nm", "mean_diameter_std_nm", 3),
+                      _pm_refined(ref, "size_dispersion_pct", "size_dispersion_std_pct", 2),
                       _pm(ref["lattice_parameter_angstrom"], ref["lattice_parameter_std_angstrom"], 4),
-                      ", ".join(f"{el} {v:.2f}" for el, v in ref["b_iso"].items()),
-                      f"{ref['rwp']:.4f}", f"{ref['reduced_chi2']:.3g}", ", ".join(ref["flags"]) or "")
-    Console().print(table)
+                      f"{ref['rwp']:.4f}", f"{ref['reduced_chi2']:.3g}", answer, verdict or "-"])
+    textout.table(["file", "network (nm, %)", "refined mean (nm)", "refined dispersion (%)", "a (A)", "Rwp",
+                   "chi2/dof", "answer (nm, %)", "refinement"], table)
 
 
 @app.command("refine")
@@ -277,33 +366,46 @@ def refine_command(
     energy_kev: Optional[float] = typer.Option(None, "--energy-kev", help="Photon energy (keV), as above."),
     fmt: str = typer.Option("table", "--format", help="table or json."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
-    shape: str = typer.Option("sphere", "--shape", help="Model shape: sphere, cuboctahedron, "
-                              "truncated_octahedron, cube, octahedron or polyhedron:RHO."),
-    surface: str = typer.Option("cation_rich", "--surface", help="cation_rich (Pb-rich) or stoichiometric."),
+    shape: str = typer.Option("auto", "--shape", help="Model shape: auto (the best-fitting of sphere, cube, "
+                              "octahedron, cuboctahedron; their spread joins the uncertainty), sphere, "
+                              "cuboctahedron, truncated_octahedron, cube, octahedron or polyhedron:RHO."),
+    surface: Optional[str] = typer.Option(None, "--surface", help="cation_rich (Pb-rich), stoichiometric or "
+                                          "as_cut (default: cation_rich, or each auto model's own)."),
     solvent: Optional[list[str]] = typer.Option(None, "--solvent", help="Solvent curve with a free amplitude "
                                                 "(repeatable): toluene, hexane, octane, chloroform, water."),
     capillary: Optional[list[str]] = typer.Option(None, "--capillary", help="Capillary curve with a free "
                                                   "amplitude (repeatable): borosilicate, kapton."),
     compton: bool = typer.Option(False, "--compton", help="Add the sample's Compton curve as a background term."),
+    background: str = typer.Option("spline", "--background", help="Smooth background: spline (cubic B-splines "
+                                   "evenly spaced in sqrt(Q), absorbs unknown liquid, capillary and Compton shapes) "
+                                   "or legendre (a polynomial of --background-degree)."),
     background_degree: int = typer.Option(3, "--background-degree", help="Degree of the Legendre background."),
+    resolution: str = typer.Option("fit", "--resolution", metavar="fit|none|FWHM0,REL",
+                                   help="Instrument resolution FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2): fitted (default), "
+                                   "none, or fixed from a calibrant (`qdsize resolution`)."),
+    q_zero: bool = typer.Option(True, "--q-zero/--no-q-zero", help="Fit a Q-axis zero error (the lattice "
+                                "parameter absorbs a Q-scale error)."),
     q_min: float = typer.Option(1.0, "--q-min", help="Lowest Q fitted (1/A)."),
     q_max: Optional[float] = typer.Option(None, "--q-max", help="Highest Q fitted (1/A; default: the data's)."),
-    refine_microstrain: bool = typer.Option(True, "--refine-microstrain/--no-microstrain",
+    refine_microstrain: bool = typer.Option(False, "--refine-microstrain/--no-microstrain",
                                             help="Refine the rms lattice-parameter spread between particles "
-                                            "(or keep it at zero)."),
+                                            "(default: zero; a fitted resolution REL plays its part)."),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default RAY_ADDRESS; "
                                           "a batch uses an embedded local Ray when there is more than one core)."),
 ):
-    """Refine the network's size and dispersion by a least-squares fit of the exact DSE model to each pattern."""
+    """Refine the network's size and dispersion by a least-squares fit of the exact DSE model to each pattern.
+
+    The refined answer replaces the network's only when the fit is good, the size is off its bounds and the move
+    is within two combined uncertainties; otherwise the network's answer stands and one line says why."""
     import sys
 
     if fmt not in ("table", "json"):
         raise InputError(f"--format = {fmt!r}: expected table or json")
     rows = match_estimates(list(files), load_estimates(from_json))
     out = refine_rows(rows, list(files), x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,
-                      energy_kev=energy_kev, plot=plot, address=address,
-                      ladder_spec={"shape": shape, "surface": surface}, q_range=(q_min, q_max),
-                      background_degree=background_degree, solvent=tuple(solvent or ()),
+                      energy_kev=energy_kev, plot=plot, address=address, shape=shape, surface=surface,
+                      q_range=(q_min, q_max), background=background, background_degree=background_degree,
+                      resolution=resolution, q_zero=q_zero, solvent=tuple(solvent or ()),
                       capillary=tuple(capillary or ()), compton=compton, refine_microstrain=refine_microstrain)
     failures = []
     for f, r in zip(files, out):
@@ -311,6 +413,9 @@ def refine_command(
             typer.echo(f"qdsize: warning: {w}", err=True)
         for m in r["refined"].get("messages", []):
             typer.echo(f"qdsize: note: {f}: {m}", err=True)
+        if "verdict" in r["refined"] and not r["refined"]["accepted"]:
+            typer.echo(f"qdsize: warning: {f}: refinement {r['refined']['verdict']}; the network's answer stands",
+                       err=True)
         if "error" in r["refined"]:
             failures.append(r["refined"]["error"])
     emit_refined(out, fmt)

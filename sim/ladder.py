@@ -70,6 +70,17 @@ def family_tables(stats: debye.PairStatistics, fine: FineGrid) -> dict:
             "rmax_angstrom": rmax, "species": list(stats.species)}
 
 
+def default_cache() -> Path:
+    """The family cache when a caller names none: $QDSIZE_HOME/cache (the workspace sets it), else the per-user
+    data folder's (as the workspace's default)."""
+    home = os.environ.get("QDSIZE_HOME")
+    if home:
+        return Path(home).expanduser() / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("qdsize", appauthor=False)) / "cache"
+
+
 def get_family(spec: dict, fine: FineGrid, cache: str | Path) -> dict:
     """Tables of one family: from the cache when present, else built (and cached). Safe under concurrency."""
     from threadpoolctl import threadpool_limits

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import distribution, scattering, solvents
+from . import distribution, ladder, scattering, solvents
+from .compose import T_MAX_SIGMA, quadrature_rules
 from .errors import InputError, bad
+from .io import content_hash
 
 # The default model ladder: one of the default dataset's families (conf/dataset/pbs.yaml), so that the cached tables
 # of `qdsize simulate` are reused. Pb-rich spheres: real PbS dots are Pb-rich (physics notes).
@@ -26,13 +27,27 @@ COVERAGE_MARGIN_INV_ANGSTROM = 0.1
 POOR_FIT_CHI2 = 3.0  # reduced chi-square above this flags a poor fit
 SINGULAR_CONDITION = 1e13  # condition number of the scaled normal matrix beyond which the covariance is singular
 TAIL_SIGMA = 3.0  # the fitted distribution must lie inside the ladder out to this many sigma of ln D
-MICROSTRAIN_NODES_MAX = 121
+
 MICROSTRAIN_START_PCT = 0.15
 
 BOUNDS = {"mean_diameter_nm": (1.5, 14.0), "size_dispersion_pct": (0.0, 40.0), "strain": (-0.025, 0.025),
-          "b_iso": (0.0, 8.0), "microstrain_pct": (0.0, 1.0)}
+          "b_iso": (0.0, 8.0), "microstrain_pct": (0.0, 1.0), "q_zero_inv_angstrom": (-0.03, 0.03),
+          "fwhm0_inv_angstrom": (0.0, 0.06), "fwhm_rel": (0.0, 0.008)}
 FD_STEP = {"mean_diameter_nm": 0.01, "size_dispersion_pct": 0.2, "strain": 2e-4, "b_iso": 0.02,
-           "microstrain_pct": 0.01}
+           "microstrain_pct": 0.01, "q_zero_inv_angstrom": 2e-4, "fwhm0_inv_angstrom": 5e-4, "fwhm_rel": 5e-5}
+RESOLUTION_START = {"fwhm0_inv_angstrom": 0.012, "fwhm_rel": 0.001}  # off zero: the width acts quadratically there
+RESOLUTION_REACH_SIGMA = 4.0  # the resolution kernel is cut at this many sigma
+BACKGROUND_SPACING_SQRT_Q = 0.3  # spline background: knots evenly spaced in sqrt(Q) (0.6 1/A at 1, 1.9 at 10)
+# the guard: when the refined answer replaces the network's
+GUARD_CHI2_MAX = 30.0  # reduced chi-square beyond which the model does not describe the data
+GUARD_RWP_MAX = 0.25
+GUARD_SIGNAL_MIN = 2.0  # chi-square gain of the particle model over the background alone, relative to the fit's
+GUARD_MOVE_FLAG_SIGMA = 1.0  # a move beyond this many combined standard uncertainties is flagged
+GUARD_MOVE_REJECT_SIGMA = 2.0  # ... and beyond this many it is rejected (the network's answer stands)
+NETWORK_STD_FALLBACK = 0.1  # relative uncertainty assumed for a start given without one
+INFO_MIN = 1e-4  # weighted model change of one finite-difference step below which a parameter is undetermined
+MODEL_FLOOR_REL = 0.01  # model error floor of the refined mean (relative, in quadrature): one family's surface and
+# cut centre against another's move the mean by about this much at high counts, whatever the noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,7 +81,7 @@ class Ladder:
 
     @classmethod
     def from_tables(cls, tab: dict, spec: dict | None = None) -> "Ladder":
-        """From the family tables of `qdsize.platform.simulate.get_family` (with fine_q0 / fine_step added)."""
+        """From the family tables of `qdsize.sim.ladder.get_family` (with fine_q0 / fine_step added)."""
         k = len(tab["diameters_nm"])
         p = int(tab["n_pairs"])
         coef = np.asarray(tab["coef"], dtype=np.float64).reshape(k, p, int(tab["n_fine"]))
@@ -98,9 +113,6 @@ def load_ladder(q_min: float, q_max: float, *, spec: dict | None = None, cache=N
     `spec` overrides DEFAULT_LADDER (shape, surface, ...). The fine grid covers every strained and microstrained
     evaluation point allowed by the bounds.
     """
-    from qdsize.platform import config as cfgmod  # the family cache lives in the platform layer
-    from qdsize.platform import simulate as psim
-
     s = dict(DEFAULT_LADDER)
     s.update(spec or {})
     unknown = sorted(set(s) - set(DEFAULT_LADDER))
@@ -108,12 +120,12 @@ def load_ladder(q_min: float, q_max: float, *, spec: dict | None = None, cache=N
         raise bad("ladder", unknown, f"keys among {sorted(DEFAULT_LADDER)}")
     if s["surface"] != "cation_rich":
         s["anion_removal"] = 0.0  # as the dataset's family specs do
-    s["format"] = psim.FAMILY_FORMAT
-    s["family_id"] = cfgmod.content_hash({k: v for k, v in s.items() if k != "family_id"})
+    s["format"] = ladder.FAMILY_FORMAT
+    s["family_id"] = content_hash({k: v for k, v in s.items() if k != "family_id"})
     sig = microstrain_max_pct / 100.0 * _node_reach(microstrain_max_pct)
     q0, h, n = fine_grid_for(q_min, q_max, (1 + strain_bounds[0]) * (1 - sig), (1 + strain_bounds[1]) * (1 + sig))
-    fine = psim.FineGrid(q0, h, n)
-    tab = psim.get_family(s, fine, cache if cache is not None else psim.cache_dir())
+    fine = ladder.FineGrid(q0, h, n)
+    tab = ladder.get_family(s, fine, cache if cache is not None else ladder.default_cache())
     tab["fine_q0"], tab["fine_step"] = fine.q0, fine.step
     return Ladder.from_tables(tab, s)
 
@@ -122,40 +134,18 @@ def load_ladder(q_min: float, q_max: float, *, spec: dict | None = None, cache=N
 # The model: scale x DSE per atom of the number-weighted lognormal mixture + linear background
 # ----------------------------------------------------------------------------------------------------------------
 def _node_reach(microstrain_pct: float) -> float:
-    return 6.0 if microstrain_pct > 0 else 0.0
+    return T_MAX_SIGMA if microstrain_pct > 0 else 0.0  # the nodes of sim.compose's rules lie within this
 
 
 MICROSTRAIN_TOL = 1e-6  # quadrature error allowed on E[cos(x t)] = exp(-x^2 / 2)
 
 
-@functools.lru_cache(maxsize=1)
-def _gauss_hermite_reach() -> list[tuple[float, np.ndarray, np.ndarray]]:
-    """(largest x integrated to MICROSTRAIN_TOL, nodes, weights) of Gauss-Hermite rules for t ~ N(0, 1)."""
-    xs = np.linspace(0.0, 12.0, 1201)
-    out = []
-    for n in range(2, 41):
-        x, w = np.polynomial.hermite.hermgauss(n)
-        t, w = np.sqrt(2.0) * x, w / np.sqrt(np.pi)
-        err = np.abs(np.cos(np.outer(xs, t)) @ w - np.exp(-xs**2 / 2))
-        badx = np.flatnonzero(err > MICROSTRAIN_TOL)
-        out.append((float(xs[badx[0] - 1]) if len(badx) else float(xs[-1]), t, w))
-    return out
-
-
 def microstrain_nodes(x_max: float) -> tuple[np.ndarray, np.ndarray]:
     """Nodes t and weights for E[g(t)], t ~ N(0, 1), that integrate cos(x t) to MICROSTRAIN_TOL for x <= x_max:
-    one node at 0 when there is nothing to average, the smallest adequate Gauss-Hermite rule for small x, else a
-    Gaussian-weighted trapezoid rule on [-6, 6] (aliasing error exp(-(2 pi / dt - x)^2 / 2))."""
-    if x_max <= np.sqrt(2 * MICROSTRAIN_TOL):
-        return np.zeros(1), np.ones(1)
-    dt = min(0.75, 2.0 * np.pi / (x_max + 5.5))
-    n_trap = min(MICROSTRAIN_NODES_MAX, 2 * int(math.ceil(6.0 / dt)) + 1)
-    for reach, t, w in _gauss_hermite_reach():
-        if reach >= x_max and len(t) < n_trap:
-            return t, w
-    t = np.linspace(-6.0, 6.0, n_trap)
-    w = np.exp(-t**2 / 2.0)
-    return t, w / w.sum()
+    the cheapest of the dataset composer's rules (`qdsize.sim.compose.quadrature_rules`) that reaches x_max."""
+    nodes, weights, counts, x_ok = quadrature_rules(MICROSTRAIN_TOL)
+    r = min(int(np.searchsorted(x_ok, x_max)), len(counts) - 1)
+    return nodes[r, :counts[r]], weights[r, :counts[r]]
 
 
 @dataclass
@@ -185,6 +175,8 @@ def _unpack(prob: Problem, theta: np.ndarray) -> dict:
     out = {n: theta[:, i] for i, n in enumerate(names)}
     if "microstrain_pct" not in out:
         out["microstrain_pct"] = np.full(theta.shape[0], prob.fixed_microstrain_pct)
+    if "q_zero_inv_angstrom" not in out:
+        out["q_zero_inv_angstrom"] = np.zeros(theta.shape[0])
     return out
 
 
@@ -202,7 +194,6 @@ def dse_per_atom(prob: Problem, theta: np.ndarray) -> np.ndarray:
     prob.evaluations += n
     w = ladder_weights_rows(lad.diameters_nm, p["mean_diameter_nm"], p["size_dispersion_pct"])  # (n, K)
     k, npair, nf = lad.coef.shape
-    c = (w @ lad.coef.reshape(k, -1)).reshape(n, npair, nf)
     atoms = w @ lad.atoms  # (n, S)
     sig = p["microstrain_pct"] / 100.0
     # one quadrature rule for the batch: resolves the largest pair distance that carries intensity
@@ -210,11 +201,17 @@ def dse_per_atom(prob: Problem, theta: np.ndarray) -> np.ndarray:
     rmax = np.where(big >= 1e-7 * big.max(axis=1, keepdims=True), lad.rmax_angstrom[None, :], 0.0).max()
     t_n, t_w = microstrain_nodes(float(prob.q[-1] * rmax * sig.max() * (1 + abs(p["strain"]).max())))
     stretch = (1.0 + p["strain"])[:, None] * (1.0 + sig[:, None] * t_n[None, :])  # (n, J)
-    x = (prob.q[None, None, :] * stretch[:, :, None] - lad.fine_q0) / lad.fine_step  # (n, J, Q)
+    q_true = prob.q[None, :] - p["q_zero_inv_angstrom"][:, None]  # (n, Q): the measured axis less its zero error
+    x = (q_true[:, None, :] * stretch[:, :, None] - lad.fine_q0) / lad.fine_step  # (n, J, Q)
     i0 = np.floor(x).astype(np.int64)
     if i0.min() < 1 or i0.max() > nf - 3:
-        raise InputError(f"Q x (1 + strain) = {prob.q[0] * stretch.min():.4f}-{prob.q[-1] * stretch.max():.4f} "
-                         f"1/A: expected inside the ladder tables' range {lad.q_range[0]:.3f}-{lad.q_range[1]:.3f}")
+        raise InputError(f"Q x (1 + strain) = {q_true[:, 0].min() * stretch.min():.4f}-"
+                         f"{q_true[:, -1].max() * stretch.max():.4f} 1/A: expected inside the ladder tables' range "
+                         f"{lad.q_range[0]:.3f}-{lad.q_range[1]:.3f}")
+    # the weighted sum over the members that carry weight (a few of the ladder), on the fine points in reach
+    nz = np.flatnonzero(w.max(axis=0) > 0)
+    f_lo, f_hi = int(i0.min()) - 1, int(i0.max()) + 3
+    c = (w[:, nz] @ lad.coef[nz, :, f_lo:f_hi].reshape(nz.size, -1)).reshape(n, npair, f_hi - f_lo)
     u = x - i0
     um = 1.0 - u
     u2, u3 = u * u, u * u * u
@@ -224,7 +221,7 @@ def dse_per_atom(prob: Problem, theta: np.ndarray) -> np.ndarray:
     jq = t_n.size * nq
     sums = np.zeros((n, npair, nq))
     for j, b in enumerate(bw):
-        g = np.take_along_axis(c, (i0 + (j - 1)).reshape(n, 1, jq), axis=2).reshape(n, npair, t_n.size, nq)
+        g = np.take_along_axis(c, (i0 + (j - 1 - f_lo)).reshape(n, 1, jq), axis=2).reshape(n, npair, t_n.size, nq)
         sums += np.einsum("npjq,njq->npq", g, b)
     q2 = prob.q**2 / (16.0 * np.pi**2)
     bvals = np.stack([p[nm] for nm in _species_params(lad)], axis=1)  # (n, S)
@@ -235,14 +232,39 @@ def dse_per_atom(prob: Problem, theta: np.ndarray) -> np.ndarray:
     return out / atoms.sum(axis=1, keepdims=True)
 
 
-def background_basis(q: np.ndarray, degree: int, solvent_names=(), capillaries=(), compton=None):
-    """Background terms on the fit grid: Legendre P_0..P_degree of x in [-1, 1] over the range, then each solvent,
-    capillary and Compton curve scaled to mean 1, so that every amplitude is in data units."""
-    if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or not 0 <= degree <= 12:
-        raise bad("background_degree", degree, "an integer polynomial degree from 0 to 12")
-    x = 2.0 * (q - q[0]) / (q[-1] - q[0]) - 1.0
-    rows = [np.polynomial.legendre.Legendre.basis(k)(x) for k in range(degree + 1)]
-    names = [f"poly_{k}" for k in range(degree + 1)]
+def spline_basis(q: np.ndarray, spacing_sqrt_q: float = BACKGROUND_SPACING_SQRT_Q) -> np.ndarray:
+    """Cubic B-splines on knots evenly spaced in sqrt(Q) over the range, (M, Q), each of maximum 1: a smooth
+    background that follows broad liquid and capillary maxima at low Q and stays stiff at high Q, where the peaks
+    of small particles are broad."""
+    from scipy.interpolate import BSpline
+
+    if not isinstance(spacing_sqrt_q, (int, float)) or isinstance(spacing_sqrt_q, bool) or not \
+            0.05 <= spacing_sqrt_q <= 5.0:
+        raise bad("background_spacing", spacing_sqrt_q, "a knot spacing in sqrt(1/A) from 0.05 to 5")
+    u = np.sqrt(q)
+    n_int = max(1, int(math.ceil((u[-1] - u[0]) / spacing_sqrt_q - 1e-9)))
+    inner = np.linspace(u[0], u[-1], n_int + 1)
+    knots = np.concatenate([[inner[0]] * 3, inner, [inner[-1]] * 3])
+    uu = np.clip(u, inner[0], np.nextafter(inner[-1], -np.inf))
+    dm = BSpline.design_matrix(uu, knots, 3).toarray().T
+    return dm / dm.max(axis=1, keepdims=True)
+
+
+def background_basis(q: np.ndarray, degree: int, solvent_names=(), capillaries=(), compton=None,
+                     spacing_sqrt_q: float | None = None):
+    """Background terms on the fit grid: cubic B-splines in sqrt(Q) when `spacing_sqrt_q` is given, else Legendre
+    P_0..P_degree of x in [-1, 1] over the range; then each solvent, capillary and Compton curve scaled to mean 1,
+    so that every amplitude is in data units."""
+    if spacing_sqrt_q is not None:
+        sp = spline_basis(q, spacing_sqrt_q)
+        rows = list(sp)
+        names = [f"spline_{k}" for k in range(len(rows))]
+    else:
+        if isinstance(degree, bool) or not isinstance(degree, (int, np.integer)) or not 0 <= degree <= 12:
+            raise bad("background_degree", degree, "an integer polynomial degree from 0 to 12")
+        x = 2.0 * (q - q[0]) / (q[-1] - q[0]) - 1.0
+        rows = [np.polynomial.legendre.Legendre.basis(k)(x) for k in range(degree + 1)]
+        names = [f"poly_{k}" for k in range(degree + 1)]
     for nm in solvent_names:
         s = solvents.solvent_intensity(solvents.check_solvent(nm, "solvent"), q)
         rows.append(s / s.mean())
@@ -256,6 +278,53 @@ def background_basis(q: np.ndarray, degree: int, solvent_names=(), capillaries=(
         rows.append(s / s.mean())
         names.append("compton")
     return np.array(rows), names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Instrument resolution: a Gaussian of FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2), row-normalised on the grid
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Broadening:
+    """Banded Gaussian smoothing on an (extended) grid: neighbour indices (Q, 2H+1), trapezoid weights."""
+
+    q: np.ndarray
+    idx: np.ndarray
+    valid: np.ndarray
+    dq: np.ndarray
+    _weights: dict = field(default_factory=dict)  # (fwhm0, rel) -> row-normalised weights, the last few
+
+    @classmethod
+    def on(cls, q: np.ndarray, sigma_max: float) -> "Broadening":
+        step = float(np.min(np.diff(q))) if q.size > 1 else 1.0
+        h = int(min(max(math.ceil(RESOLUTION_REACH_SIGMA * sigma_max / step), 1), 200))
+        off = np.arange(-h, h + 1)
+        raw = np.arange(q.size)[:, None] + off[None, :]
+        valid = (raw >= 0) & (raw < q.size)
+        idx = np.clip(raw, 0, q.size - 1)
+        dq = np.gradient(q) if q.size > 1 else np.ones(1)
+        return cls(q, idx, valid, dq)
+
+    def apply(self, y: np.ndarray, fwhm0: float, rel: float) -> np.ndarray:
+        """y (n, Q) smoothed by the Gaussian of FWHM(Q) = sqrt(fwhm0^2 + (rel Q)^2)."""
+        key = (float(fwhm0), float(rel))
+        hit = self._weights.get(key)
+        if hit is None:
+            sig = np.sqrt(fwhm0**2 + (rel * self.q) ** 2) / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+            sig = np.maximum(sig, 1e-9)
+            h_all = self.idx.shape[1] // 2  # only the taps this width reaches
+            step = float(np.min(np.diff(self.q))) if self.q.size > 1 else 1.0
+            h = min(h_all, int(math.ceil(RESOLUTION_REACH_SIGMA * float(sig.max()) / step)) + 1)
+            cols = slice(h_all - h, h_all + h + 1)
+            idx = self.idx[:, cols]
+            z = (self.q[idx] - self.q[:, None]) / sig[:, None]
+            w = np.where(self.valid[:, cols] & (np.abs(z) <= RESOLUTION_REACH_SIGMA), np.exp(-0.5 * z * z), 0.0) \
+                * self.dq[idx]
+            w /= w.sum(axis=1, keepdims=True)
+            if len(self._weights) > 8:
+                self._weights.clear()
+            hit = self._weights[key] = (idx, w)
+        idx, w = hit
+        return np.einsum("nqk,qk->nq", np.atleast_2d(y)[:, idx], w)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,10 +382,15 @@ class RefineResult:
     sigma: np.ndarray
     model: np.ndarray
     background: np.ndarray
+    components: dict = field(default_factory=dict)  # name -> curve: the particles and each background term
 
     @property
     def flags(self) -> list[str]:
         return self.refined["flags"]
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.refined["accepted"])
 
 
 def _linear_solve(a: np.ndarray, y: np.ndarray, inv_sigma: np.ndarray) -> np.ndarray:
@@ -337,36 +411,96 @@ def _check_start(name: str, value, lo: float, hi: float, what: str) -> float:
     return v
 
 
+def fit_ladder_range(q_fit: np.ndarray, *, resolution="fit", q_zero: bool = True,
+                     refine_microstrain: bool = False, microstrain_pct: float = 0.0) -> tuple[float, float, float]:
+    """(q_min, q_max, microstrain_max_pct) for `load_ladder`: the fit range widened by the resolution kernel's
+    reach and the Q-zero bound, as `refine` evaluates the model (shared with batch pre-builds)."""
+    f0, rel = _resolution_max(resolution)
+    sig_lo = math.hypot(f0, rel * q_fit[0]) / 2.3548
+    sig_hi = math.hypot(f0, rel * q_fit[-1]) / 2.3548
+    z = BOUNDS["q_zero_inv_angstrom"][1] if q_zero else 0.0
+    micro = BOUNDS["microstrain_pct"][1] if refine_microstrain else float(microstrain_pct)
+    return (max(float(q_fit[0]) - RESOLUTION_REACH_SIGMA * sig_lo - z, 0.2),
+            float(q_fit[-1]) + RESOLUTION_REACH_SIGMA * sig_hi + z, micro)
+
+
+def _check_resolution(resolution):
+    """'fit', None (no smoothing) or a fixed (fwhm0, rel[, eta]) in 1/A and relative units."""
+    if resolution is None or (isinstance(resolution, str) and resolution in ("none", "fit")):
+        return None if resolution in (None, "none") else "fit"
+    try:
+        vals = [float(v) for v in (resolution.split(",") if isinstance(resolution, str) else resolution)]
+    except (TypeError, ValueError):
+        raise bad("resolution", resolution, "'fit', 'none' or FWHM0,REL (1/A, relative)") from None
+    if len(vals) not in (2, 3) or not all(math.isfinite(v) and v >= 0 for v in vals) or vals[0] > 0.5 \
+            or vals[1] > 0.05:
+        raise bad("resolution", resolution, "'fit', 'none' or FWHM0,REL with 0 <= FWHM0 <= 0.5 1/A and "
+                  "0 <= REL <= 0.05")
+    return (vals[0], vals[1])
+
+
+def _resolution_max(resolution) -> tuple[float, float]:
+    r = _check_resolution(resolution)
+    if r is None:
+        return 0.0, 0.0
+    if r == "fit":
+        return BOUNDS["fwhm0_inv_angstrom"][1], BOUNDS["fwhm_rel"][1]
+    return r
+
+
 def refine(q_inv_angstrom, intensity, start: dict, *, sigma=None, energy_kev: float | None = None,
            ladder: Ladder | None = None, ladder_spec: dict | None = None, q_range=(1.0, None),
-           background_degree: int = 3, solvent=(), capillary=(), compton: bool = False,
-           b_iso_start: float | dict = 1.0, microstrain_pct: float = 0.0, refine_microstrain: bool = True,
+           background: str = "spline", background_degree: int = 3,
+           background_spacing: float = BACKGROUND_SPACING_SQRT_Q, solvent=(), capillary=(), compton: bool = False,
+           resolution="fit", q_zero: bool = True, b_iso_start: float | dict = 1.0, microstrain_pct: float = 0.0,
+           refine_microstrain: bool = False, n_starts: int = 3, network_prior: bool = True,
            max_evaluations: int = 4000, name: str = "pattern") -> RefineResult:
-    """Refine a pattern from the network's estimates `start` (mean_diameter_nm, size_dispersion_pct; optional
-    lattice_parameter_angstrom / strain, b_iso) against the data on its own grid.
+    """Refine a pattern from the network's estimates `start` (mean_diameter_nm, size_dispersion_pct, and their
+    mean_diameter_std_nm / size_dispersion_std_pct for the guard; optional lattice_parameter_angstrom / strain,
+    b_iso) against the data on its own grid, and decide whether the refined answer replaces the network's.
 
-    Fitted: mean diameter and dispersion of the number-weighted lognormal, uniform strain (lattice parameter),
-    B per element, optionally the microstrain, a scale, and a linear background (Legendre polynomial of
-    `background_degree` plus free amplitudes of the named solvent / capillary curves and, optionally, Compton).
-    The microstrain (rms spread of lattice parameters between particles, averaged exactly by quadrature) is
-    refined by default: left at zero, a 0.4 % spread biases a 6 nm mean by about -0.3 nm.
-    Each evaluation is a weighted sum over the cached ladder (fine-grid B-splines), never a new DSE. BLAS runs
-    on one thread: the matrices are small, and threads fighting over shared cores cost more than they give.
+    Model: scale x R[DSE per atom of the number-weighted lognormal mixture at (Q - Q0)(1 + strain)] + background.
+    R is the instrument's Gaussian resolution, FWHM(Q) = sqrt(FWHM0^2 + (REL Q)^2), fitted (`resolution="fit"`),
+    fixed (a (fwhm0, rel) pair from a calibrant) or absent ("none"); Q0 is a Q-axis zero error (`q_zero`), the
+    strain also absorbs a Q-scale error. The background is linear: cubic B-splines evenly spaced in sqrt(Q)
+    (`background="spline"`, knot spacing `background_spacing`) or a Legendre polynomial of `background_degree`
+    (`"legendre"`), plus free amplitudes of the named solvent / capillary curves and, optionally, Compton.
+    Fitting is stepwise and bounded, the linear amplitudes solved exactly at every step (variable projection):
+    peak positions (strain scan, then strain, B, Q0), then size from `n_starts` starts spread over the network's
+    uncertainty, then everything from the best. The microstrain (rms lattice-parameter spread, exact quadrature)
+    can be refined too; with a fitted resolution REL plays its part and it stays fixed by default.
+    With `network_prior` and the network's uncertainties given, its mean and dispersion enter as a Gaussian prior
+    (the refined values are then the combination of network and data; without them, of the data alone).
+    The guard (`refined["accepted"]`, `refined["verdict"]`) keeps the network's answer unless the fit is good,
+    the size is free of its bounds, the particles' signal is significant and the move from the network's estimate
+    is within GUARD_MOVE_REJECT_SIGMA combined uncertainties; `refined["answer"]` is what to report.
+    BLAS runs on one thread: the matrices are small, and threads fighting over shared cores cost more than they give.
     """
     from threadpoolctl import threadpool_limits
 
     t0 = time.perf_counter()
     with threadpool_limits(1):
         res = _refine(q_inv_angstrom, intensity, start, sigma=sigma, energy_kev=energy_kev, ladder=ladder,
-                      ladder_spec=ladder_spec, q_range=q_range, background_degree=background_degree, solvent=solvent,
-                      capillary=capillary, compton=compton, b_iso_start=b_iso_start, microstrain_pct=microstrain_pct,
-                      refine_microstrain=refine_microstrain, max_evaluations=max_evaluations, name=name)
+                      ladder_spec=ladder_spec, q_range=q_range, background=background,
+                      background_degree=background_degree, background_spacing=background_spacing, solvent=solvent,
+                      capillary=capillary, compton=compton, resolution=resolution, q_zero=q_zero,
+                      b_iso_start=b_iso_start, microstrain_pct=microstrain_pct,
+                      refine_microstrain=refine_microstrain, n_starts=n_starts, network_prior=network_prior,
+                      max_evaluations=max_evaluations, name=name)
     res.refined["seconds"] = time.perf_counter() - t0
     return res
 
 
-def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladder_spec, q_range, background_degree,
-            solvent, capillary, compton, b_iso_start, microstrain_pct, refine_microstrain, max_evaluations, name):
+def _optional_std(start: dict, key: str):
+    v = start.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v <= 0:
+        return None
+    return float(v)
+
+
+def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladder_spec, q_range, background,
+            background_degree, background_spacing, solvent, capillary, compton, resolution, q_zero, b_iso_start,
+            microstrain_pct, refine_microstrain, n_starts, network_prior, max_evaluations, name):
     t0 = time.perf_counter()
     q_all = np.asarray(q_inv_angstrom, dtype=np.float64).ravel()
     y_all = np.asarray(intensity, dtype=np.float64).ravel()
@@ -398,6 +532,16 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
             raise InputError(f"{name}: {sig_file.size} sigma values for {q_all.size} points: expected one per point")
         sig_file = sig_file[sel]
     s_used, weighting, messages = choose_sigma(y, sig_file)
+    if background not in ("spline", "legendre"):
+        raise bad("background", background, "'spline' (B-splines in sqrt(Q)) or 'legendre' (polynomial)")
+    res_mode = _check_resolution(resolution)
+    if isinstance(res_mode, tuple):
+        given = resolution.split(",") if isinstance(resolution, str) else list(resolution)
+        if len(given) == 3 and float(given[2]) > 0:
+            messages.append(f"resolution: the Lorentzian fraction {float(given[2]):g} is not modelled (a Gaussian "
+                            "of the same FWHM is)")
+    if isinstance(n_starts, bool) or not isinstance(n_starts, (int, np.integer)) or not 1 <= n_starts <= 9:
+        raise bad("n_starts", n_starts, "an integer number of starts from 1 to 9")
 
     # ---- starting values
     if not isinstance(start, dict):
@@ -409,20 +553,27 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
     if not isinstance(microstrain_pct, (int, float)) or not BOUNDS["microstrain_pct"][0] <= microstrain_pct \
             <= BOUNDS["microstrain_pct"][1]:
         raise bad("microstrain_pct", microstrain_pct, f"an rms lattice spread in % within {BOUNDS['microstrain_pct']}")
-    m0 = _check_start("start.mean_diameter_nm", start["mean_diameter_nm"], 0.0, np.inf, "a positive diameter in nm")
-    c0 = _check_start("start.size_dispersion_pct", start["size_dispersion_pct"], 0.0, np.inf,
-                      "a dispersion in percent >= 0")
-    m0 = float(np.clip(m0, *BOUNDS["mean_diameter_nm"]))
-    c0 = float(np.clip(c0, 1.0, BOUNDS["size_dispersion_pct"][1] - 1.0))  # off the 0 bound: its gradient is 0
-    micro_max = BOUNDS["microstrain_pct"][1] if refine_microstrain else microstrain_pct
+    m_net = _check_start("start.mean_diameter_nm", start["mean_diameter_nm"], 0.0, np.inf, "a positive diameter in nm")
+    c_net = _check_start("start.size_dispersion_pct", start["size_dispersion_pct"], 0.0, np.inf,
+                         "a dispersion in percent >= 0")
+    sm_net = _optional_std(start, "mean_diameter_std_nm")
+    sc_net = _optional_std(start, "size_dispersion_std_pct")
+    m0 = float(np.clip(m_net, *BOUNDS["mean_diameter_nm"]))
+    c0 = float(np.clip(c_net, 1.0, BOUNDS["size_dispersion_pct"][1] - 1.0))  # off the 0 bound: its gradient is 0
+    lad_lo, lad_hi, micro_max = fit_ladder_range(q, resolution=res_mode, q_zero=q_zero,
+                                                 refine_microstrain=refine_microstrain,
+                                                 microstrain_pct=microstrain_pct)
     if ladder is None:
-        ladder = load_ladder(float(q[0]), float(q[-1]), spec=ladder_spec, microstrain_max_pct=micro_max)
-    sig_max = micro_max / 100.0 * 6.0
-    need = (q[0] * (1 + BOUNDS["strain"][0]) * (1 - sig_max), q[-1] * (1 + BOUNDS["strain"][1]) * (1 + sig_max))
+        ladder = load_ladder(lad_lo, lad_hi, spec=ladder_spec, microstrain_max_pct=micro_max)
+    sig_max = micro_max / 100.0 * _node_reach(micro_max)
+    z_max = BOUNDS["q_zero_inv_angstrom"][1] if q_zero else 0.0
+    stretch_lo = (1 + BOUNDS["strain"][0]) * (1 - sig_max)
+    stretch_hi = (1 + BOUNDS["strain"][1]) * (1 + sig_max)
+    need = ((q[0] - z_max) * stretch_lo, (q[-1] + z_max) * stretch_hi)
     if need[0] < ladder.q_range[0] or need[1] > ladder.q_range[1]:
         raise bad("ladder", f"tables for Q = {ladder.q_range[0]:.3f}-{ladder.q_range[1]:.3f} 1/A",
-                  f"tables covering {need[0]:.3f}-{need[1]:.3f} 1/A (the fit range stretched by the strain and "
-                  "microstrain bounds): load_ladder(q_min, q_max) of this fit range")
+                  f"tables covering {need[0]:.3f}-{need[1]:.3f} 1/A (the fit range stretched by the strain, Q-zero "
+                  "and microstrain bounds): load_ladder(*fit_ladder_range(q)[:2]) of this fit range")
     a_ref = float(ladder.spec.get("a_angstrom", DEFAULT_LADDER["a_angstrom"]))
     if start.get("lattice_parameter_angstrom") is not None:
         e0 = _check_start("start.lattice_parameter_angstrom", start["lattice_parameter_angstrom"], 0.0, np.inf,
@@ -438,232 +589,513 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
     hi_m = min(BOUNDS["mean_diameter_nm"][1], float(d_lad[-1]) / 1.5)
     m0 = float(np.clip(m0, lo_m, hi_m))
 
+    # ---- the evaluation grid: the fit grid extended by the resolution kernel's reach, inside the tables
+    f0_max, rel_max = _resolution_max(res_mode)
+    q_ext = q
+    n_lo = 0
+    if q.size > 1 and (f0_max > 0 or rel_max > 0):
+        lo_ok = ladder.q_range[0] / stretch_lo + z_max + 1e-6
+        hi_ok = ladder.q_range[1] / stretch_hi - z_max - 1e-6
+        h_lo, h_hi = q[1] - q[0], q[-1] - q[-2]
+        pad_lo = RESOLUTION_REACH_SIGMA * math.hypot(f0_max, rel_max * q[0]) / 2.3548
+        pad_hi = RESOLUTION_REACH_SIGMA * math.hypot(f0_max, rel_max * q[-1]) / 2.3548
+        lo_pts = q[0] - h_lo * np.arange(int(math.ceil(pad_lo / h_lo)), 0, -1)
+        hi_pts = q[-1] + h_hi * np.arange(1, int(math.ceil(pad_hi / h_hi)) + 1)
+        lo_pts, hi_pts = lo_pts[lo_pts >= lo_ok], hi_pts[hi_pts <= hi_ok]
+        n_lo = lo_pts.size
+        q_ext = np.concatenate([lo_pts, q, hi_pts])
+    inner = slice(n_lo, n_lo + q.size)
+    smoother = Broadening.on(q_ext, math.hypot(f0_max, rel_max * q_ext[-1]) / 2.3548) \
+        if (f0_max > 0 or rel_max > 0) else None
+
     # ---- fixed arrays
-    ff = scattering.form_factors(ladder.species, q, energy_kev)
+    ff = scattering.form_factors(ladder.species, q_ext, energy_kev)
     ff_self = np.abs(ff) ** 2
     ff_pair = np.array([2.0 * np.real(ff[s] * np.conj(ff[t])) for s, t in ladder.pairs])
     basis, bnames = background_basis(q, background_degree, tuple(solvent or ()), tuple(capillary or ()),
-                                     {el: 1 for el in ladder.species} if compton else None)
-    nonlinear = ["mean_diameter_nm", "size_dispersion_pct", "strain", *_species_params(ladder)]
+                                     {el: 1 for el in ladder.species} if compton else None,
+                                     spacing_sqrt_q=background_spacing if background == "spline" else None)
+    dse_names = ["mean_diameter_nm", "size_dispersion_pct", "strain", *_species_params(ladder)]
+    if q_zero:
+        dse_names.append("q_zero_inv_angstrom")
     if refine_microstrain:
-        nonlinear.append("microstrain_pct")
-    prob = Problem(q, y, s_used, weighting, ladder, ff_self, ff_pair, basis, bnames, nonlinear,
-                   fixed_microstrain_pct=float(microstrain_pct))
-    n_nl = len(nonlinear)
+        dse_names.append("microstrain_pct")
+    res_names = ["fwhm0_inv_angstrom", "fwhm_rel"] if res_mode == "fit" else []
+    nonlinear = dse_names + res_names
+    n_d, n_nl = len(dse_names), len(nonlinear)
+    prob = Problem(q_ext, np.zeros_like(q_ext), np.ones_like(q_ext), weighting, ladder, ff_self, ff_pair, basis,
+                   bnames, dse_names, fixed_microstrain_pct=float(microstrain_pct))
     lin_names = ["scale", *[f"background_{b}" for b in bnames]]
     n_par = n_nl + len(lin_names)
     if q.size <= n_par + 5:
         raise InputError(f"{name}: {q.size} points in the fit range for {n_par} parameters: expected many more points")
-    lb = [lo_m, BOUNDS["size_dispersion_pct"][0], BOUNDS["strain"][0]] + [BOUNDS["b_iso"][0]] * len(ladder.species)
-    ub = [hi_m, BOUNDS["size_dispersion_pct"][1], BOUNDS["strain"][1]] + [BOUNDS["b_iso"][1]] * len(ladder.species)
-    if refine_microstrain:
-        lb.append(BOUNDS["microstrain_pct"][0])
-        ub.append(BOUNDS["microstrain_pct"][1])
-    lb += [0.0] + [-np.inf] * len(bnames)
-    ub += [np.inf] * len(lin_names)
-    lb, ub = np.array(lb), np.array(ub)
-    steps = np.array([FD_STEP["mean_diameter_nm"], FD_STEP["size_dispersion_pct"], FD_STEP["strain"]]
-                     + [FD_STEP["b_iso"]] * len(ladder.species)
-                     + ([FD_STEP["microstrain_pct"]] if refine_microstrain else []))
+
+    def bound(nm):
+        if nm == "mean_diameter_nm":
+            return lo_m, hi_m
+        return BOUNDS["b_iso" if nm.startswith("b_iso_") else nm]
+
+    lb = np.array([bound(nm)[0] for nm in nonlinear])
+    ub = np.array([bound(nm)[1] for nm in nonlinear])
+    steps = np.array([FD_STEP["b_iso" if nm.startswith("b_iso_") else nm] for nm in nonlinear])
+    ix = {nm: i for i, nm in enumerate(nonlinear)}
     inv_s = 1.0 / s_used
 
-    def linear_start(theta_rows):
-        """Best scale and background for each row of nonlinear parameters, and its chi-square."""
-        dse = dse_per_atom(prob, theta_rows)
-        out = []
-        for row in dse:
-            design = np.vstack([row[None, :], basis])
-            coef = _linear_solve(design, y, inv_s)
-            chi2 = float(np.sum(((coef @ design - y) * inv_s) ** 2))
-            out.append((chi2, coef))
-        return out
+    raw_cache: dict = {}
 
-    # microstrain starts off zero: its effect is quadratic there, so the gradient would vanish
-    theta0 = np.array([m0, c0, e0, *b_start] + ([max(microstrain_pct, MICROSTRAIN_START_PCT)] if refine_microstrain
-                                               else []))
-    if scan_strain:  # peak positions: a coarse scan keeps the fit out of a neighbouring peak's minimum
-        grid = np.linspace(BOUNDS["strain"][0] * 0.9, BOUNDS["strain"][1] * 0.9, 31)
-        rows = np.repeat(theta0[None, :], grid.size, axis=0)
-        rows[:, 2] = grid
-        fits = linear_start(rows)
-        theta0[2] = grid[int(np.argmin([f[0] for f in fits]))]
-    chi0, lin0 = linear_start(theta0[None, :])[0]
-    lin0[0] = max(lin0[0], 1e-12 * max(float(np.abs(y).max()), 1e-300))
-    x0 = np.concatenate([theta0, lin0])
-    pad = 1e-9 * np.where(np.isfinite(ub - lb), ub - lb, 1.0)
-    x0 = np.minimum(np.maximum(x0, lb + pad), ub - pad)
+    def particle(th_rows: np.ndarray) -> np.ndarray:
+        """Particles' intensity per atom on the fit grid, (n, Q), for rows of nonlinear parameters: the DSE
+        (cached by its own parameters) smoothed by the resolution."""
+        th_rows = np.atleast_2d(th_rows)
+        keys = [r[:n_d].tobytes() for r in th_rows]
+        if len(raw_cache) > 256:
+            raw_cache.clear()
+        todo = {k: i for i, k in enumerate(keys) if k not in raw_cache}
+        if todo:
+            for k, row in zip(todo, dse_per_atom(prob, th_rows[list(todo.values()), :n_d])):
+                raw_cache[k] = row
+        raw = np.stack([raw_cache[k] for k in keys])
+        if smoother is None:
+            return raw[:, inner]
+        if res_mode == "fit":
+            sm = np.stack([smoother.apply(raw[i], th_rows[i, ix["fwhm0_inv_angstrom"]],
+                                          th_rows[i, ix["fwhm_rel"]])[0] for i in range(len(raw))])
+        else:
+            sm = smoother.apply(raw, *res_mode)
+        return sm[:, inner]
 
-    cache = {}
+    qr_cache: dict = {}
 
-    def model_parts(x):
-        key = x.tobytes()
-        if key not in cache:
-            cache.clear()
-            cache[key] = dse_per_atom(prob, x[None, :n_nl])[0]
-        return cache[key]
+    def project(prow: np.ndarray):
+        """(weighted residual, linear amplitudes) with scale and background solved exactly: the background's
+        weighted span is factored once (QR), so each row costs two products."""
+        if qr_cache.get("inv_s") is not inv_s:
+            qb, rb = np.linalg.qr((basis * inv_s).T)
+            yw = y * inv_s
+            qr_cache.update(inv_s=inv_s, qb=qb, rb=rb, yw=yw, ry=yw - qb @ (qb.T @ yw))
+        qb, rb, yw, ry = qr_cache["qb"], qr_cache["rb"], qr_cache["yw"], qr_cache["ry"]
+        pw = prow * inv_s
+        rp = pw - qb @ (qb.T @ pw)
+        den = float(rp @ rp)
+        scale = float(rp @ ry) / den if den > 0 else 0.0
+        bcoef = np.linalg.solve(rb, qb.T @ (yw - scale * pw)) if rb.size else np.zeros(0)
+        return scale * rp - ry, np.concatenate([[scale], bcoef])
 
-    def residual(x):
-        dse = model_parts(x)
-        m = x[n_nl] * dse + x[n_nl + 1:] @ basis
-        return (m - y) * inv_s
+    # the network's estimates as a Gaussian prior on mean and dispersion (when their uncertainties are given):
+    # where the data cannot tell size broadening from the instrument's, the network's answer decides
+    prior_at = [i for i, sd in ((ix["mean_diameter_nm"], sm_net), (ix["size_dispersion_pct"], sc_net))
+                if network_prior and sd is not None]
+    prior_mu = np.array([m_net, c_net])[[0 if i == ix["mean_diameter_nm"] else 1 for i in prior_at]]
+    prior_sd = np.array([sm_net if i == ix["mean_diameter_nm"] else sc_net for i in prior_at], dtype=np.float64)
 
-    def jacobian(x, central=False):
-        """Forward differences while iterating; central ones (one-sided at a bound) for the covariance. The
-        perturbed rows go through the model as one batch; the linear columns are exact."""
-        th = x[:n_nl]
-        base = model_parts(x)
-        rows, cols = [], []
-        for j in range(n_nl):
-            if central:
-                hp = max(min(steps[j], ub[j] - th[j]), 0.0)
-                hm = max(min(steps[j], th[j] - lb[j]), 0.0)
-                if hp + hm <= 0:
-                    hp = steps[j]
-                up, dn = th.copy(), th.copy()
-                up[j] += hp
-                dn[j] -= hm
-                rows += [up, dn]
-                cols.append(hp + hm)
-            else:
-                h = steps[j] if th[j] + steps[j] <= ub[j] else -steps[j]
-                up = th.copy()
-                up[j] += h
-                rows.append(up)
-                cols.append(h)
-        dse = dse_per_atom(prob, np.array(rows))
-        jac = np.empty((q.size, n_par))
-        for j in range(n_nl):
-            diff = dse[2 * j] - dse[2 * j + 1] if central else dse[j] - base
-            jac[:, j] = x[n_nl] * diff / cols[j] * inv_s
-        jac[:, n_nl] = base * inv_s
-        jac[:, n_nl + 1:] = (basis * inv_s).T
-        return jac
+    def prior(th: np.ndarray) -> np.ndarray:
+        return (th[prior_at] - prior_mu) / prior_sd
 
-    from scipy.optimize import least_squares
+    def chi2_of(th: np.ndarray) -> float:
+        r, _ = project(particle(th)[0])
+        p_ = prior(th)
+        return float(r @ r + p_ @ p_)
 
-    def run_fit(x_start):
-        return least_squares(residual, x_start, jac=jacobian, bounds=(lb, ub), method="trf", x_scale="jac",
-                             max_nfev=max(20, max_evaluations // (n_nl + 1)), ftol=1e-9, xtol=1e-9, gtol=1e-9)
+    fit_status = {"nfev": 0, "not_converged": False}
 
+    def fit_subset(th: np.ndarray, free: list[int], nfev: int) -> np.ndarray:
+        """Variable-projection least squares over the nonlinear parameters `free`, the others held."""
+        from scipy.optimize import least_squares
+
+        free = list(free)
+        pad = 1e-6 * (ub[free] - lb[free])
+        x0 = np.clip(th[free], lb[free] + pad, ub[free] - pad)
+
+        def full(xf):
+            t = th.copy()
+            t[free] = xf
+            return t
+
+        def fun(xf):
+            t = full(xf)
+            return np.concatenate([project(particle(t)[0])[0], prior(t)])
+
+        def jac(xf):
+            t0_ = full(xf)
+            rows, hs = [t0_], []
+            for j in free:
+                h = steps[j] if t0_[j] + steps[j] <= ub[j] else -steps[j]
+                t = t0_.copy()
+                t[j] += h
+                rows.append(t)
+                hs.append(h)
+            pr = particle(np.array(rows))
+            r0 = np.concatenate([project(pr[0])[0], prior(rows[0])])
+            return np.stack([(np.concatenate([project(pr[k + 1])[0], prior(rows[k + 1])]) - r0) / hs[k]
+                             for k in range(len(free))], axis=1)
+
+        sol = least_squares(fun, x0, jac=jac, bounds=(lb[free], ub[free]), method="trf", x_scale="jac",
+                            max_nfev=nfev, ftol=1e-8, xtol=1e-8, gtol=1e-8)
+        fit_status["nfev"] += sol.nfev
+        fit_status["last_status"] = sol.status
+        return full(sol.x)
+
+    theta0 = np.zeros(n_nl)
+    theta0[ix["mean_diameter_nm"]], theta0[ix["size_dispersion_pct"]], theta0[ix["strain"]] = m0, c0, e0
+    for k, el in enumerate(ladder.species):
+        theta0[ix[f"b_iso_{el}"]] = b_start[k]
+    if refine_microstrain:  # off zero: its effect is quadratic there, so the gradient would vanish
+        theta0[ix["microstrain_pct"]] = max(microstrain_pct, MICROSTRAIN_START_PCT)
+    for nm in res_names:
+        theta0[ix[nm]] = RESOLUTION_START[nm]
+    size_idx = [ix["mean_diameter_nm"], ix["size_dispersion_pct"]]
+    position_idx = [ix["strain"]] + ([ix["q_zero_inv_angstrom"]] if q_zero else [])
+    b_idx = [ix[f"b_iso_{el}"] for el in ladder.species]
+    budget = max(20, max_evaluations // (n_nl + 1))
     try:
-        with np.errstate(over="ignore", invalid="ignore"):
-            sol = run_fit(x0)
-            if weighting == "poisson" and np.min(sol.fun * s_used + y) < 100:
-                # low counts: weight by the model, not the data (Neyman chi-square is biased low)
-                mod = sol.fun * s_used + y
-                s_used = np.sqrt(np.maximum(mod, 1.0))
-                prob.sigma = s_used
-                inv_s = 1.0 / s_used
-                cache.clear()
-                sol = run_fit(sol.x)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            if scan_strain:  # peak positions: a coarse scan keeps the fit out of a neighbouring peak's minimum
+                grid = np.linspace(BOUNDS["strain"][0] * 0.9, BOUNDS["strain"][1] * 0.9, 31)
+                rows = np.repeat(theta0[None, :], grid.size, axis=0)
+                rows[:, ix["strain"]] = grid
+                pr = particle(rows)
+                theta0[ix["strain"]] = grid[int(np.argmin([np.sum(project(p)[0] ** 2) for p in pr]))]
+                raw_cache.clear()
+            # step 1: peak positions and damping at the network's size; step 2: size from several starts
+            th1 = fit_subset(theta0, position_idx + b_idx, 25)
+            spread = sm_net if sm_net is not None else NETWORK_STD_FALLBACK * m0
+            offsets = [0.0, -1.0, 1.0, -2.0, 2.0, -0.5, 0.5, -1.5, 1.5][:n_starts]
+            cands = []
+            for off in offsets:
+                th = th1.copy()
+                th[ix["mean_diameter_nm"]] = float(np.clip(m0 + off * spread, lo_m, hi_m))
+                th = fit_subset(th, size_idx + position_idx + b_idx, 30)
+                cands.append((chi2_of(th), th))
+            cands.sort(key=lambda c: c[0])
+            # step 3: everything, from the best start
+            th = fit_subset(cands[0][1], list(range(n_nl)), budget)
+            if weighting == "poisson":
+                r, coef = project(particle(th)[0])
+                mod = r * s_used + y
+                if np.min(mod) < 100:  # low counts: weight by the model, not the data (Neyman chi-square is low)
+                    s_used = np.sqrt(np.maximum(mod, 1.0))
+                    inv_s = 1.0 / s_used
+                    th = fit_subset(th, list(range(n_nl)), budget)
+            fit_status["not_converged"] = fit_status.get("last_status", 1) == 0
+            p_final = particle(th)[0]
+            r, coef = project(p_final)
     except InputError:
         raise
     except (np.linalg.LinAlgError, ValueError, FloatingPointError) as exc:
         raise InputError(f"{name}: the refinement did not converge from the start "
                          f"({m0:.2f} nm, {c0:.1f} %): {exc}; expected a pattern of PbS dots near the network's "
                          "estimate (check the x unit, the wavelength and the fit range)") from None
-    if not np.all(np.isfinite(sol.fun)) or not np.all(np.isfinite(sol.x)):
+    if not np.all(np.isfinite(r)) or not np.all(np.isfinite(th)):
         raise InputError(f"{name}: the refinement did not converge from the start ({m0:.2f} nm, {c0:.1f} %): "
                          "non-finite model; expected a pattern of PbS dots near the network's estimate")
-    x = sol.x
-    r = sol.fun
-    jac = jacobian(x, central=True)
+    x = np.concatenate([th, coef])
     dof = max(q.size - n_par, 1)
     chi2 = float(r @ r)
     red = chi2 / dof
     model = r * s_used + y
-    bg = x[n_nl + 1:] @ basis
+    bg = coef[1:] @ basis
     w = 1.0 / s_used**2
     rwp = float(np.sqrt(np.sum(w * (y - model) ** 2) / np.sum(w * y**2)))
+    coef_bg = _linear_solve(basis, y, inv_s)  # the background alone: how much the particles explain
+    chi2_bg = float(np.sum(((coef_bg @ basis - y) * inv_s) ** 2))
+    signal_gain = (chi2_bg - chi2) / max(chi2, 1e-300)
 
-    # ---- covariance (J^T W J)^-1, scaled by the reduced chi-square unless the weights are Poisson
+    # ---- parameters at a bound: no standard uncertainty (not a free minimum)
     flags: list[str] = []
     names = nonlinear + lin_names
-    d = np.sqrt(np.sum(jac**2, axis=0))
+    lb_all = np.concatenate([lb, [0.0], np.full(len(bnames), -np.inf)])
+    ub_all = np.concatenate([ub, np.full(len(lin_names), np.inf)])
+    at_low = np.zeros(n_par, bool)
+    at_high = np.zeros(n_par, bool)
+    for i in range(n_nl):
+        tol = 1e-3 * (ub[i] - lb[i])
+        at_low[i] = x[i] - lb[i] < tol
+        at_high[i] = ub[i] - x[i] < tol
+    at_low[n_nl] = x[n_nl] <= 0
+    at_bound = at_low | at_high
+    free = ~at_bound
+
+    # ---- covariance of the free parameters, (J^T W J)^-1 scaled by the reduced chi-square when it exceeds 1
+    jac = np.empty((q.size, n_par))
+    rows, hsum = [], []
+    for j in range(n_nl):
+        hp = max(min(steps[j], ub[j] - th[j]), 0.0)
+        hm = max(min(steps[j], th[j] - lb[j]), 0.0)
+        if hp + hm <= 0:
+            hp = steps[j]
+        up, dn = th.copy(), th.copy()
+        up[j] += hp
+        dn[j] -= hm
+        rows += [up, dn]
+        hsum.append(hp + hm)
+    with np.errstate(over="ignore", invalid="ignore"):
+        pr = particle(np.array(rows))
+    for j in range(n_nl):
+        jac[:, j] = coef[0] * (pr[2 * j] - pr[2 * j + 1]) / hsum[j] * inv_s
+    jac[:, n_nl] = p_final * inv_s
+    jac[:, n_nl + 1:] = (basis * inv_s).T
+    # a parameter whose finite-difference step moves the model by far less than the noise (a resolution width
+    # below the grid step, where its effect is quadratic) carries no information here: undetermined, not singular
+    info = np.sqrt(np.sum(jac[:, :n_nl] ** 2, axis=0)) * steps
+    blind = np.zeros(n_par, bool)
+    blind[:n_nl] = free[:n_nl] & (info < INFO_MIN)
+    for i in np.flatnonzero(blind):
+        flags.append(f"undetermined:{nonlinear[i]}")
+        messages.append(f"fit: {nonlinear[i]} = {x[i]:.4g} is not determined by these data (no uncertainty)")
+    free = free & ~blind
+    cov = np.full((n_par, n_par), np.nan)
+    jp = np.zeros((len(prior_at), n_par))
+    jp[np.arange(len(prior_at)), prior_at] = 1.0 / prior_sd
+    jf = np.vstack([jac, jp])[:, free]
+    d = np.sqrt(np.sum(jf**2, axis=0))
     d[d == 0] = 1.0
-    js = jac / d
+    js = jf / d
     u_, sv, vt = np.linalg.svd(js, full_matrices=False)
-    cond = float(sv[0] / sv[-1]) if sv[-1] > 0 else np.inf
+    cond = float(sv[0] / sv[-1]) if sv.size and sv[-1] > 0 else np.inf
+    free_names = [nm for nm, f in zip(names, free) if f]
     if cond**2 > SINGULAR_CONDITION or not np.isfinite(cond):
         flags.append("singular_covariance")
         weakest = vt[-1]
-        involved = [names[i] for i in np.argsort(-np.abs(weakest))[:3]]
+        involved = [free_names[i] for i in np.argsort(-np.abs(weakest))[:3]]
         messages.append(f"covariance: singular (condition {cond**2:.2g}); parameters {', '.join(involved)} are not "
                         "separately determined by these data (fix or remove one: fewer background terms, a wider "
                         "Q range)")
-        cov = np.full((n_par, n_par), np.nan)
     else:
-        cov = (vt.T / sv**2) @ vt / np.outer(d, d)
-        if weighting != "poisson":
-            cov = cov * red
+        cf = (vt.T / sv**2) @ vt / np.outer(d, d) * max(red, 1.0)
+        cov[np.ix_(free, free)] = cf
     std = np.sqrt(np.clip(np.diag(cov), 0, None))
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(std, std)
 
     # ---- realised labels of the fitted distribution on the ladder, and their uncertainties (delta method)
+    i_m, i_c = size_idx
+
     def labels(mean, disp):
         return distribution.realised_labels(d_lad, distribution.ladder_weights(d_lad, mean, disp))
 
-    mr, cr = labels(x[0], x[1])
+    mr, cr = labels(x[i_m], x[i_c])
     g = np.zeros((2, 2))
-    for j, hstep in enumerate((0.01, 0.1)):
-        up, dn = x[:2].copy(), x[:2].copy()
-        up[j] = min(up[j] + hstep, ub[j])
-        dn[j] = max(dn[j] - hstep, lb[j])
-        g[:, j] = (np.array(labels(*up)) - np.array(labels(*dn))) / (up[j] - dn[j])
-    cov_lab = g @ cov[:2, :2] @ g.T
+    for col, (j, hstep) in enumerate(((i_m, 0.01), (i_c, 0.1))):
+        up, dn = x[[i_m, i_c]].copy(), x[[i_m, i_c]].copy()
+        up[col] = min(up[col] + hstep, ub[j])
+        dn[col] = max(dn[col] - hstep, lb[j])
+        g[:, col] = (np.array(labels(*up)) - np.array(labels(*dn))) / (up[col] - dn[col])
+    sub = cov[np.ix_([i_m, i_c], [i_m, i_c])].copy()
+    for k, j in enumerate((i_m, i_c)):
+        if at_bound[j] or blind[j]:  # a parameter at a bound: no spread from it (and none reported for it)
+            sub[k, :] = 0.0
+            sub[:, k] = 0.0
+    cov_lab = g @ sub @ g.T
     std_lab = np.sqrt(np.clip(np.diag(cov_lab), 0, None))
+    std_lab[0] = math.hypot(std_lab[0], MODEL_FLOOR_REL * mr)
+    if at_bound[i_m] or blind[i_m]:
+        std_lab[0] = np.nan
+    if at_bound[i_c] or blind[i_c]:
+        std_lab[1] = np.nan
 
-    # ---- flags
-    if sol.status == 0:
+    # ---- flags and the guard: why the network's answer would stand (the first reason is the verdict)
+    reasons: list[str] = []
+    if fit_status["not_converged"]:
         flags.append("not_converged")
         messages.append(f"fit: stopped after {prob.evaluations} evaluations without meeting the tolerances")
+        reasons.append((4, "the fit did not converge"))
+    for i, nm in enumerate(nonlinear + ["scale"]):
+        if not at_bound[i]:
+            continue
+        side = "lower" if at_low[i] else "upper"
+        flags.append(f"at_bound:{nm}")
+        messages.append(f"fit: {nm} = {x[i]:.4g} is at its {side} bound [{lb_all[i]:g}, {ub_all[i]:g}]: no "
+                        "uncertainty (not a free minimum)")
+        benign = at_low[i] and (nm in ("size_dispersion_pct", "microstrain_pct", "fwhm0_inv_angstrom", "fwhm_rel")
+                                or nm.startswith("b_iso_"))
+        if not benign:
+            reasons.append((3, f"{nm} at its {side} bound ({x[i]:.4g})") if nm != "scale" else
+                           (0, "no particle signal (scale at 0)"))
+    if signal_gain < GUARD_SIGNAL_MIN:
+        flags.append("no_signal")
+        reasons.append((0, f"no significant PbS signal (the particle model improves chi2 on the background alone by "
+                       f"{signal_gain:.2g} x, expected > {GUARD_SIGNAL_MIN:g} x)"))
     if red > POOR_FIT_CHI2:
         flags.append("poor_fit")
         messages.append(f"fit: reduced chi-square {red:.3g} > {POOR_FIT_CHI2:g} ({weighting} weights): the model "
-                        "misses features of the data (background terms? shape? Q calibration?)")
-    for i, nm in enumerate(nonlinear + ["scale"]):
-        span = ub[i] - lb[i] if np.isfinite(ub[i] - lb[i]) else max(abs(x[i]), 1.0)
-        tol = 1e-3 * span
-        low = np.isfinite(lb[i]) and x[i] - lb[i] < tol and nm != "microstrain_pct"  # no spread: a valid answer
-        if low or (np.isfinite(ub[i]) and ub[i] - x[i] < tol):
-            flags.append(f"at_bound:{nm}")
-            messages.append(f"fit: {nm} = {x[i]:.4g} is at its bound [{lb[i]:g}, {ub[i]:g}]; its uncertainty "
-                            "does not describe a free minimum")
-    lo_t, hi_t = distribution.quantile_range_nm(x[0], x[1], TAIL_SIGMA) if x[1] > 0 else (x[0], x[0])
+                        "misses features of the data (background terms? shape? Q calibration?); uncertainties "
+                        "scaled by it")
+    if red > GUARD_CHI2_MAX:
+        reasons.append((1, f"poor fit (reduced chi2 {red:.3g} > {GUARD_CHI2_MAX:g})"))
+    if rwp > GUARD_RWP_MAX:
+        reasons.append((1, f"poor fit (Rwp {rwp:.3f} > {GUARD_RWP_MAX:g})"))
+    if "singular_covariance" in flags:
+        reasons.append((2, "the size is not determined by these data (singular covariance)"))
+    lo_t, hi_t = distribution.quantile_range_nm(x[i_m], x[i_c], TAIL_SIGMA) if x[i_c] > 0 else (x[i_m], x[i_m])
     if lo_t < d_lad[0] or hi_t > d_lad[-1]:
         flags.append("ladder_edge")
         messages.append(f"model: the fitted distribution ({lo_t:.2f}-{hi_t:.2f} nm at {TAIL_SIGMA:g} sigma) runs "
                         f"past the ladder ({d_lad[0]:.2f}-{d_lad[-1]:.2f} nm)")
+        reasons.append((3, "the fitted distribution runs past the model's size ladder"))
     if energy_kev is None:
         messages.append("form factors without anomalous terms: no wavelength or energy was given")
 
     si = {nm: i for i, nm in enumerate(names)}
+
+    def val_std(nm, fixed=0.0):
+        if nm not in si:
+            return float(fixed), 0.0
+        return float(x[si[nm]]), float(std[si[nm]])
+
+    qz, qz_std = val_std("q_zero_inv_angstrom")
+    micro, micro_std = val_std("microstrain_pct", microstrain_pct)
+    if res_mode == "fit":
+        res_out = {"mode": "fit", "fwhm0_inv_angstrom": float(x[ix["fwhm0_inv_angstrom"]]),
+                   "fwhm0_std_inv_angstrom": float(std[ix["fwhm0_inv_angstrom"]]),
+                   "fwhm_rel": float(x[ix["fwhm_rel"]]), "fwhm_rel_std": float(std[ix["fwhm_rel"]])}
+    elif res_mode is None:
+        res_out = {"mode": "none"}
+    else:
+        res_out = {"mode": "fixed", "fwhm0_inv_angstrom": res_mode[0], "fwhm_rel": res_mode[1]}
+    i_s = ix["strain"]
+    components = {"particles": coef[0] * p_final}
+    smooth = [i for i, b in enumerate(bnames) if b.startswith(("spline_", "poly_"))]
+    if smooth:
+        components["smooth background"] = coef[1 + np.array(smooth)] @ basis[smooth]
+    for i, b in enumerate(bnames):
+        if i not in smooth:
+            components[b] = coef[1 + i] * basis[i]
     refined = {
         "mean_diameter_nm": mr, "mean_diameter_std_nm": float(std_lab[0]),
         "size_dispersion_pct": cr, "size_dispersion_std_pct": float(std_lab[1]),
-        "lognormal_mean_nm": float(x[0]), "lognormal_dispersion_pct": float(x[1]),
-        "lattice_parameter_angstrom": a_ref * (1.0 + float(x[2])),
-        "lattice_parameter_std_angstrom": a_ref * float(std[2]),
-        "strain": float(x[2]), "strain_std": float(std[2]),
+        "fit_reasons": [list(r_) for r_ in reasons], "signal_gain": float(signal_gain),
+        "network": {"mean_diameter_nm": m_net, "mean_diameter_std_nm": sm_net, "size_dispersion_pct": c_net,
+                    "size_dispersion_std_pct": sc_net},
+        "lognormal_mean_nm": float(x[i_m]), "lognormal_dispersion_pct": float(x[i_c]),
+        "lattice_parameter_angstrom": a_ref * (1.0 + float(x[i_s])),
+        "lattice_parameter_std_angstrom": a_ref * float(std[i_s]),
+        "strain": float(x[i_s]), "strain_std": float(std[i_s]),
+        "q_zero_inv_angstrom": qz, "q_zero_std_inv_angstrom": qz_std,
+        "resolution": res_out,
         "b_iso": {el: float(x[si[f"b_iso_{el}"]]) for el in ladder.species},
         "b_iso_std": {el: float(std[si[f"b_iso_{el}"]]) for el in ladder.species},
-        "microstrain_pct": float(x[si["microstrain_pct"]]) if refine_microstrain else float(microstrain_pct),
-        "microstrain_std_pct": float(std[si["microstrain_pct"]]) if refine_microstrain else 0.0,
+        "microstrain_pct": micro, "microstrain_std_pct": micro_std,
         "scale": float(x[n_nl]), "scale_std": float(std[n_nl]),
         "background": {b: float(x[n_nl + 1 + i]) for i, b in enumerate(bnames)},
         "background_std": {b: float(std[n_nl + 1 + i]) for i, b in enumerate(bnames)},
+        "at_bound": [nm for nm, a in zip(names, at_bound) if a],
         "rwp": rwp, "reduced_chi2": red, "weighting": weighting,
+        "uncertainty_scaled_by_chi2": bool(red > 1.0),
         "correlation": {"parameters": names, "matrix": np.round(corr, 4).tolist()},
         "flags": flags, "messages": messages,
         "n_points": int(q.size), "q_range_inv_angstrom": [float(q[0]), float(q[-1])],
-        "start": {"mean_diameter_nm": float(start["mean_diameter_nm"]),
-                  "size_dispersion_pct": float(start["size_dispersion_pct"])},
+        "start": {"mean_diameter_nm": m_net, "size_dispersion_pct": c_net},
         "ladder": {k: ladder.spec[k] for k in ("shape", "surface", "centre", "family_id") if k in ladder.spec},
         "energy_kev": energy_kev, "n_evaluations": int(prob.evaluations),
         "seconds": time.perf_counter() - t0,
     }
-    return RefineResult(_finite_or_none(refined), q, y, s_used, model, bg)
+    decide(refined)
+    return RefineResult(_finite_or_none(refined), q, y, s_used, model, bg, components)
+
+
+def decide(refined: dict, model_std_nm: float = 0.0) -> dict:
+    """The guard, in place: `accepted`, `verdict` (one line), `reasons`, `answer` (what to report: the refined
+    values, or the network's) and the move in combined standard uncertainties. The refined mean's uncertainty is
+    widened by `model_std_nm` (the spread between model shapes) before the comparison."""
+    net = refined["network"]
+    m_net, sm_net = net["mean_diameter_nm"], net["mean_diameter_std_nm"]
+    reasons = [tuple(r) for r in refined.get("fit_reasons", [])]
+    flags = [f for f in refined["flags"] if f != "moved_beyond_uncertainty"]
+    messages = [m for m in refined["messages"] if not m.startswith("guard:")]
+    s_fit = refined["mean_diameter_std_nm"]
+    s_fit = float(s_fit) if s_fit is not None and math.isfinite(s_fit) else None
+    s_ref = math.hypot(s_fit, model_std_nm) if s_fit is not None else None
+    move = refined["mean_diameter_nm"] - m_net
+    s_net_used = sm_net if sm_net is not None else NETWORK_STD_FALLBACK * m_net
+    s_comb = math.hypot(s_net_used, s_ref or 0.0)
+    move_sigma = abs(move) / s_comb if s_comb > 0 else math.inf
+    if sm_net is None:
+        messages.append(f"guard: no network uncertainty given; assumed {NETWORK_STD_FALLBACK:.0%} of the mean")
+    if move_sigma > GUARD_MOVE_FLAG_SIGMA:
+        flags.append("moved_beyond_uncertainty")
+        messages.append(f"guard: the refinement moves the mean diameter by {move:+.3f} nm, {move_sigma:.1f} combined "
+                        f"standard uncertainties (network ± {s_net_used:.3f}, refinement ± "
+                        f"{'?' if s_ref is None else f'{s_ref:.3f}'} nm)")
+    if move_sigma > GUARD_MOVE_REJECT_SIGMA:
+        reasons.append((5, f"it moves the size by {move:+.2f} nm, {move_sigma:.1f} > {GUARD_MOVE_REJECT_SIGMA:g} "
+                        "combined standard uncertainties from the network's estimate"))
+    if s_ref is not None and sm_net is not None and s_ref >= sm_net:
+        reasons.append((6, f"no sharper than the network (± {s_ref:.3f} nm against ± {sm_net:.3f} nm)"))
+    texts = [text for _, text in sorted(reasons, key=lambda pr: pr[0])]  # the weightiest reason first
+    accepted = not texts
+    if accepted:
+        answer = {"source": "refinement", "mean_diameter_nm": refined["mean_diameter_nm"],
+                  "mean_diameter_std_nm": s_ref, "size_dispersion_pct": refined["size_dispersion_pct"],
+                  "size_dispersion_std_pct": refined["size_dispersion_std_pct"]}
+        verdict = "accepted" + (f" (flagged: moved {move_sigma:.1f} combined sigma)"
+                                if move_sigma > GUARD_MOVE_FLAG_SIGMA else "")
+    else:
+        answer = {"source": "network", **net}
+        verdict = f"rejected: {texts[0]}"
+        messages.append(f"guard: refinement rejected, the network's answer stands: {'; '.join(texts)}")
+    refined.update(accepted=accepted, verdict=verdict, reasons=texts, answer=answer, move_nm=float(move),
+                   move_sigma=float(move_sigma), model_std_nm=float(model_std_nm), flags=flags, messages=messages)
+    return refined
+
+
+# The shapes and surfaces tried when the model's shape is not given (shape="auto"): qdsize's families that differ
+# most in peak shape at one equal-volume diameter, with a Pb-rich and an as-cut surface.
+AUTO_MODELS = ({"shape": "sphere", "surface": "cation_rich"}, {"shape": "sphere", "surface": "as_cut"},
+               {"shape": "cube", "surface": "cation_rich"}, {"shape": "octahedron", "surface": "as_cut"},
+               {"shape": "cuboctahedron", "surface": "cation_rich"})
+AUTO_SURFACES = ("cation_rich", "as_cut")  # the surfaces tried for a shape given without one
+AUTO_SCREEN_STARTS = 1  # starts for each candidate model; the best is then refined with the full n_starts
+AUTO_SCREEN_BUDGET_DIVISOR = 4  # ... and a quarter of the evaluation budget
+AUTO_SCREEN_THIN_POINTS = 800  # patterns with this many points are screened on every other point
+
+
+def refine_models(q_inv_angstrom, intensity, start: dict, *, models=AUTO_MODELS, ladders: dict | None = None,
+                  ladder_spec: dict | None = None, n_starts: int = 3, **kw) -> RefineResult:
+    """`refine` with each candidate model family (`models`: ladder specs of shape and surface), keeping the best
+    by chi-square; the spread of the mean diameter over the families that fit about as well (Akaike weights
+    exp(-(chi2 - chi2_min) / (2 max(1, reduced chi2)))) widens its uncertainty for the guard. `ladders`: a dict
+    {(shape, surface): Ladder} of prepared tables (else loaded for each fit range)."""
+    fits, errors = [], []
+    base = dict(ladder_spec or {})
+    screen_evaluations = max(kw.get("max_evaluations", 4000) // AUTO_SCREEN_BUDGET_DIVISOR, 200)
+    q_all = np.asarray(q_inv_angstrom, dtype=np.float64).ravel()
+    y_all = np.asarray(intensity, dtype=np.float64).ravel()
+    every = 2 if q_all.size >= AUTO_SCREEN_THIN_POINTS else 1  # the screen sees every other point: half the cost
+    sig = kw.pop("sigma", None)
+    sig_screen = None if sig is None else np.asarray(sig, dtype=np.float64).ravel()[::every]
+    for spec in models:
+        key = (spec["shape"], spec.get("surface", DEFAULT_LADDER["surface"]))
+        lad = (ladders or {}).get(key)
+        try:
+            res = refine(q_all[::every], y_all[::every], start, sigma=sig_screen, ladder=lad,
+                         ladder_spec={**base, **spec}, n_starts=AUTO_SCREEN_STARTS,
+                         **{**kw, "max_evaluations": screen_evaluations})
+        except InputError as exc:
+            errors.append(exc)
+            continue
+        chi2 = res.refined["reduced_chi2"] * max(res.refined["n_points"], 1)
+        fits.append((chi2, key, lad, res.refined))
+    if not fits:
+        raise errors[0]
+    fits.sort(key=lambda f: f[0])
+    _, key, lad, screened = fits[0]
+    # the best family on every point, from the screen's peak positions and damping
+    best = refine(q_all, y_all, {**start, "strain": screened["strain"], "b_iso": screened["b_iso"]}, sigma=sig,
+                  ladder=lad, ladder_spec={**base, "shape": key[0], "surface": key[1]}, n_starts=n_starts, **kw)
+    fits[0] = (fits[0][0], key, lad, best.refined)
+    red = max(screened["reduced_chi2"], 1.0)
+    wts = np.array([math.exp(-(f[0] - fits[0][0]) / (2.0 * red)) for f in fits])
+    wts /= wts.sum()
+    means = np.array([f[3]["mean_diameter_nm"] for f in fits])
+    model_std = float(np.sqrt(np.sum(wts * (means - means[0]) ** 2)))
+    r = best.refined
+    r["models"] = [{"shape": f[1][0], "surface": f[1][1], "mean_diameter_nm": float(f[3]["mean_diameter_nm"]),
+                    "reduced_chi2": float(f[3]["reduced_chi2"]), "weight": float(w)} for f, w in zip(fits, wts)]
+    r["start"] = {"mean_diameter_nm": float(start["mean_diameter_nm"]),
+                  "size_dispersion_pct": float(start["size_dispersion_pct"])}
+    decide(r, model_std)
+    best.refined = _finite_or_none(r)
+    return best
 
 
 def _finite_or_none(v):
