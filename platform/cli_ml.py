@@ -200,8 +200,9 @@ def predict(
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG (one file) or folder (several files)."),
     tracking_uri: Optional[str] = typer.Option(None, "--tracking-uri", envvar="MLFLOW_TRACKING_URI"),
     refine: bool = typer.Option(False, "--refine", help="Then refine each estimate by an exact DSE least-squares fit."),
-    shape: str = typer.Option("sphere", "--shape", help="With --refine: the model shape (sphere, cuboctahedron, "
-                              "truncated_octahedron, cube, octahedron or polyhedron:RHO)."),
+    shape: str = typer.Option("auto", "--shape", help="With --refine: the model shape (auto: the best fitting of "
+                              "sphere, cube, octahedron and cuboctahedron; or sphere, cuboctahedron, "
+                              "truncated_octahedron, cube, octahedron, polyhedron:RHO)."),
     solvent: Optional[list[str]] = typer.Option(None, "--solvent", help="With --refine: a solvent curve with a free "
                                                 "amplitude (repeatable): toluene, hexane, octane, chloroform, water."),
     resolution: Optional[str] = typer.Option(
@@ -243,8 +244,10 @@ def predict(
         if STDIN in [r["file"] for r in answered]:
             raise InputError("--refine: standard input cannot be refined (the fit reads the file again); "
                              "expected pattern files")
-        refined = iter(refine_rows(answered, [r["file"] for r in answered], plot=plot,
-                                   ladder_spec={"shape": shape}, solvent=tuple(solvent or ()),
+        # the told instrument is fixed in the fit (its Gaussian part), else the fit finds it
+        refined = iter(refine_rows(answered, [r["file"] for r in answered], plot=plot, progress=progress,
+                                   shape=shape, solvent=tuple(solvent or ()) or None,
+                                   resolution=(told[0], told[1]) if told is not None else "fit",
                                    x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev))
         rows = [r if "error" in r else next(refined) for r in rows]
         answered = [r for r in rows if "error" not in r]

@@ -255,10 +255,14 @@ def init_ray(address: str | None = None, workers: int | None = None) -> bool:
 
     if ray.is_initialized():
         return False
+    import logging
+
+    quiet = logging.INFO if os.environ.get("QDSIZE_DEBUG") else logging.ERROR  # Ray's startup lines are not ours
     if address:
-        ray.init(address=address, log_to_driver=False)
+        ray.init(address=address, log_to_driver=False, logging_level=quiet)
     else:
-        kw = dict(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        kw = dict(address="local", num_cpus=workers or os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                  logging_level=quiet)
         try:
             ray.init(**kw)
         except Exception as exc:  # Ray waits a fixed 30 s for its raylet; retry once on a busy machine

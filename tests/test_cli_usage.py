@@ -180,6 +180,29 @@ def test_7_an_instrument_outside_training_is_flagged_with_an_honest_sigma(wide):
     assert strict.returncode == 3 and "--strict" in strict.stderr and json.loads(strict.stdout)[0]["flags"]
 
 
+# 6 ------------------------------------------------------------------------------------------------------------------
+def test_6_a_refinement_that_does_not_fit_is_rejected_with_its_reason_never_reported_with_zero_sigma(
+        tmp_path, home, capsys):
+    png = tmp_path / "fit.png"
+    r = qdsize("predict", EXAMPLES / "pbs_F_large.xy", "--refine", "--shape", "sphere", "--plot", png,
+               "--format", "json", home=home)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout)[0]
+    ref = row["refined"]
+    assert ref["accepted"] is False and "reduced chi2" in ref["verdict"]  # 11 nm, 22 %: no sphere fits it
+    assert ref["answer"]["source"] == "network" and ref["answer"]["mean_diameter_nm"] == row["mean_diameter_nm"]
+    assert ref["reduced_chi2"] > 30
+    for key in ("mean_diameter_std_nm", "size_dispersion_std_pct"):
+        assert ref[key] is None or ref[key] > 0  # at a bound: no value, never a fake +- 0
+    assert png.stat().st_size > 10_000  # data, fit, background parts and residual
+    from qdsize.platform.cli_refine import emit_refined
+
+    emit_refined([row], "table")
+    table = capsys.readouterr().out
+    assert not re.search(r"± 0\.0+(?![0-9])", table)  # no uncertainty printed as exactly zero
+    assert "rejected" in table and "(network)" in table
+
+
 # 8 ------------------------------------------------------------------------------------------------------------------
 def test_8_progress_in_a_log_and_strict_passes_clean_answers(home):
     files = [EX_A, EXAMPLES / "pbs_B_hexane.xye", EXAMPLES / "pbs_E_q_nm.csv"]
