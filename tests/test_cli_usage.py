@@ -50,6 +50,84 @@ def one_error_line(r, *needles):
     return errors[0]
 
 
+BATCH_DRIVER = """
+import contextlib, io, json, sys
+from qdsize.platform.cli import main
+out = []
+for argv, stdin in json.loads(sys.stdin.read()):
+    o, e = io.StringIO(), io.StringIO()
+    sys.stdin = io.StringIO(stdin or "")
+    with contextlib.redirect_stderr(e), contextlib.redirect_stdout(o):
+        try:
+            rc = main(argv)
+        except BaseException as exc:  # what main() let through
+            rc = f"escaped: {type(exc).__name__}: {exc}"
+    out.append([rc, o.getvalue(), e.getvalue()])
+sys.stdout = sys.__stdout__
+print(json.dumps(out))
+"""
+
+
+class Run:
+    """One CLI call's outcome, as subprocess.run's."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def batch(calls: dict, home, cwd) -> dict:
+    """Many CLI calls in one subprocess (one interpreter start and model load for all): {name: (args, stdin)}
+    -> {name: Run}; each call's stdout and stderr piped, as into a file or a log."""
+    todo = [[list(map(str, args)), stdin] for args, stdin in calls.values()]
+    r = subprocess.run([sys.executable, "-c", BATCH_DRIVER], input=json.dumps(todo), capture_output=True, text=True,
+                       timeout=900, cwd=cwd, env={**{k: v for k, v in os.environ.items()
+                                                      if k != "MLFLOW_TRACKING_URI"}, "QDSIZE_HOME": str(home)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return {name: Run(*res) for name, res in zip(calls, json.loads(r.stdout.splitlines()[-1]))}
+
+
+@pytest.fixture(scope="module")
+def piped(home, tmp_path_factory):
+    """The calls of points 1, 3, 4, 5, 7, 8, 9, 10 and 11, run once (their files made here)."""
+    d = tmp_path_factory.mktemp("inputs")
+    q, y = _calibrant_pattern("Si")
+    measured.write_pattern_file(d / "si.xy", q, y, x_unit="q_A")
+    folder = d / "run"
+    folder.mkdir()
+    for name in ("pbs_A_toluene.xy", "pbs_B_hexane.xye"):
+        shutil.copy(EXAMPLES / name, folder / name)
+    (folder / "notes.md").write_text("not a pattern")
+    (d / "a.xy").symlink_to(d / "b.xy")
+    (d / "b.xy").symlink_to(d / "a.xy")
+    qn, i = np.loadtxt(EXAMPLES / "pbs_E_q_nm.csv", delimiter=",", skiprows=2).T  # Q in 1/nm ...
+    np.savetxt(d / "nm.xy", np.stack([qn, i], 1))  # ... with no unit in the file, read as 1/A by --x-unit q_A
+    three = [EX_A, EXAMPLES / "pbs_B_hexane.xye", EXAMPLES / "pbs_E_q_nm.csv"]
+    wide = [EX_A, "--resolution", "0.5,0.002"]
+    calls = {
+        "version": (["--version"], None),
+        "model info": (["model", "info"], None),
+        "examples": ([*sorted(EXAMPLES.iterdir()), "--wavelength", "0.2066", "--format", "json"], None),
+        "forced": ([EXAMPLES / "pbs_C_mo_ka.dat", "--wavelength", "0.75", "--force-wavelength", "--format", "json"],
+                   None),
+        "wide table": (wide, None),
+        "wide json": ([*wide, "--format", "json"], None),
+        "wide strict": ([*wide, "--strict", "--format", "json"], None),
+        "csv one": ([EX_A, "--format", "csv"], None),
+        "progress": ([*three, "--progress", "--strict", "--format", "json"], None),
+        "quiet": ([*three, "--format", "json"], None),
+        "csv": ([EX_A, d / "missing.xy", EXAMPLES / "pbs_F_large.xy", "--format", "csv"], None),
+        "folder": ([folder, "--format", "json"], None),
+        "stdin": (["-", "--format", "json"], EX_A.read_text()),
+        "file": ([EX_A, "--format", "json"], None),
+        "loop": ([d / "a.xy"], None),
+        "nm": ([d / "nm.xy", "--x-unit", "q_A"], None),
+    }
+    calls = {k: (v if k in ("version", "model info") else ["predict", *v], stdin) for k, (v, stdin) in calls.items()}
+    calls["si as lab6"] = (["resolution", d / "si.xy", "--standard", "LaB6"], None)
+    calls["si"] = (["resolution", d / "si.xy", "--standard", "Si"], None)
+    return batch(calls, home, d)
+
+
 # 1 ------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args,needle", [
     (("predict",), "Missing argument"),
@@ -63,10 +141,10 @@ def test_1_usage_errors_are_one_line_and_exit_2(args, needle, home):
     assert "--help" in line  # where to read the options
 
 
-def test_1_version_and_model_info_answer(home):
-    r = qdsize("--version", home=home)
+def test_1_version_and_model_info_answer(piped):
+    r = piped["version"]
     assert r.returncode == 0 and r.stdout.startswith("qdsize ") and "released model: builtin:qdsize-pbs/" in r.stdout
-    r = qdsize("model", "info", home=home)
+    r = piped["model info"]
     assert r.returncode == 0, r.stderr
     assert "serve:" in r.stdout and "MLFLOW_TRACKING_URI=" in r.stdout
 
@@ -115,18 +193,16 @@ def test_2_the_workspace_is_found_from_any_folder_and_says_where(tmp_path):
 
 
 # 3 ------------------------------------------------------------------------------------------------------------------
-def test_3_each_file_keeps_its_header_wavelength_unless_forced(home):
-    files = sorted(EXAMPLES.iterdir())
-    r = qdsize("predict", *files, "--wavelength", "0.2066", "--format", "json", home=home)
+def test_3_each_file_keeps_its_header_wavelength_unless_forced(piped):
+    r = piped["examples"]
     assert r.returncode == 0, r.stderr
     rows = {Path(x["file"]).name: x for x in json.loads(r.stdout)}
-    assert len(rows) == len(files) and not any("error" in x for x in rows.values())
+    assert len(rows) == len(list(EXAMPLES.iterdir())) and not any("error" in x for x in rows.values())
     assert rows["pbs_C_mo_ka.dat"]["wavelength_angstrom"] == pytest.approx(0.7093)
     assert rows["pbs_D_synchrotron.chi"]["wavelength_angstrom"] == pytest.approx(0.2066)
     warn = [ln for ln in r.stderr.splitlines() if "pbs_C_mo_ka.dat" in ln and "wavelength" in ln]
     assert len(warn) == 1 and "0.7093" in warn[0] and "0.2066" in warn[0] and "--force-wavelength" in warn[0]
-    r = qdsize("predict", EXAMPLES / "pbs_C_mo_ka.dat", "--wavelength", "0.75", "--force-wavelength",
-               "--format", "json", home=home)
+    r = piped["forced"]
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)[0]["wavelength_angstrom"] == pytest.approx(0.75)
     assert "(forced)" in r.stderr and "0.7093" in r.stderr
@@ -134,11 +210,8 @@ def test_3_each_file_keeps_its_header_wavelength_unless_forced(home):
 
 # 4, 5, 7 share one run: an instrument far outside training, piped ---------------------------------------------
 @pytest.fixture(scope="module")
-def wide(home):
-    table = qdsize("predict", EX_A, "--resolution", "0.5,0.002", home=home)
-    js = qdsize("predict", EX_A, "--resolution", "0.5,0.002", "--format", "json", home=home)
-    strict = qdsize("predict", EX_A, "--resolution", "0.5,0.002", "--strict", "--format", "json", home=home)
-    return table, js, strict
+def wide(piped):
+    return piped["wide table"], piped["wide json"], piped["wide strict"]
 
 
 def test_4_piped_tables_keep_every_column_and_no_colour_codes(wide):
@@ -152,7 +225,7 @@ def test_4_piped_tables_keep_every_column_and_no_colour_codes(wide):
     assert all(ln.startswith("qdsize: ") for ln in table.stderr.splitlines()), table.stderr  # no library noise
 
 
-def test_5_answers_name_the_model_version_and_run(wide, home):
+def test_5_answers_name_the_model_version_and_run(wide, piped):
     table, js, _ = wide
     row = json.loads(js.stdout)[0]
     card = json.loads((ROOT / "ml/released/qdsize-pbs/model_card.json").read_text()) \
@@ -163,7 +236,7 @@ def test_5_answers_name_the_model_version_and_run(wide, home):
         assert row["model_run_id"] == card["source"]["run_id"]
     footer = table.stdout.splitlines()[-1]
     assert footer == f"model: {row['model_uri']} (version {row['model_version']}, run {row['model_run_id']})"
-    csv_rows = list(csv.DictReader(io.StringIO(qdsize("predict", EX_A, "--format", "csv", home=home).stdout)))
+    csv_rows = list(csv.DictReader(io.StringIO(piped["csv one"].stdout)))
     assert csv_rows[0]["model_version"] == row["model_version"] and csv_rows[0]["model_run_id"] == row["model_run_id"]
 
 
@@ -204,19 +277,17 @@ def test_6_a_refinement_that_does_not_fit_is_rejected_with_its_reason_never_repo
 
 
 # 8 ------------------------------------------------------------------------------------------------------------------
-def test_8_progress_in_a_log_and_strict_passes_clean_answers(home):
-    files = [EX_A, EXAMPLES / "pbs_B_hexane.xye", EXAMPLES / "pbs_E_q_nm.csv"]
-    r = qdsize("predict", *files, "--progress", "--strict", "--format", "json", home=home)
+def test_8_progress_in_a_log_and_strict_passes_clean_answers(piped):
+    r = piped["progress"]
     assert r.returncode == 0, r.stderr  # nothing flagged: --strict passes
     assert "qdsize: reading and sizing 3/3" in r.stderr
     assert len(json.loads(r.stdout)) == 3
-    quiet = qdsize("predict", *files, "--format", "json", home=home)
-    assert "reading and sizing" not in quiet.stderr  # piped without --progress: no progress lines
+    assert "reading and sizing" not in piped["quiet"].stderr  # piped without --progress: no progress lines
 
 
 # 9 ------------------------------------------------------------------------------------------------------------------
-def test_9_csv_is_spreadsheet_safe_with_error_rows_and_class_probabilities(tmp_path, home):
-    r = qdsize("predict", EX_A, tmp_path / "missing.xy", EXAMPLES / "pbs_F_large.xy", "--format", "csv", home=home)
+def test_9_csv_is_spreadsheet_safe_with_error_rows_and_class_probabilities(piped):
+    r = piped["csv"]
     assert r.returncode == 2
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert [Path(x["file"]).name for x in rows] == ["pbs_A_toluene.xy", "missing.xy", "pbs_F_large.xy"]
@@ -245,12 +316,9 @@ def _calibrant_pattern(standard: str, seed: int = 0):
     return q, np.random.default_rng(seed).poisson(y * 50) / 50.0
 
 
-def test_10_a_calibrant_given_as_the_wrong_standard_is_refused(tmp_path, home):
-    q, y = _calibrant_pattern("Si")
-    path = tmp_path / "si.xy"
-    measured.write_pattern_file(path, q, y, x_unit="q_A")
-    one_error_line(qdsize("resolution", path, "--standard", "LaB6", home=home), "not a LaB6 pattern", "fit Si")
-    r = qdsize("resolution", path, "--standard", "Si", home=home)
+def test_10_a_calibrant_given_as_the_wrong_standard_is_refused(piped):
+    one_error_line(piped["si as lab6"], "not a LaB6 pattern", "fit Si")
+    r = piped["si"]
     assert r.returncode == 0 and "--resolution 0.02,0.002" in r.stdout, r.stderr
 
 
@@ -266,28 +334,16 @@ def test_10_every_standard_is_told_apart_from_the_others():
 
 
 # 11 -----------------------------------------------------------------------------------------------------------------
-def test_11_folders_stdin_symlink_loops_and_mislabelled_units(tmp_path, home):
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for name in ("pbs_A_toluene.xy", "pbs_B_hexane.xye"):
-        shutil.copy(EXAMPLES / name, folder / name)
-    (folder / "notes.md").write_text("not a pattern")
-    r = qdsize("predict", folder, "--format", "json", home=home)
+def test_11_folders_stdin_symlink_loops_and_mislabelled_units(piped):
+    r = piped["folder"]
     assert r.returncode == 0, r.stderr
-    by_file = [Path(x["file"]).name for x in json.loads(r.stdout)]
-    assert by_file == ["pbs_A_toluene.xy", "pbs_B_hexane.xye"]
-    r = qdsize("predict", "-", "--format", "json", home=home, stdin=EX_A.read_text())
+    assert [Path(x["file"]).name for x in json.loads(r.stdout)] == ["pbs_A_toluene.xy", "pbs_B_hexane.xye"]
+    r = piped["stdin"]
     assert r.returncode == 0, r.stderr
-    piped = json.loads(r.stdout)[0]
-    from_file = json.loads(qdsize("predict", EX_A, "--format", "json", home=home).stdout)[0]
-    assert piped["file"] == "-" and piped["mean_diameter_nm"] == pytest.approx(from_file["mean_diameter_nm"])
-    (tmp_path / "a.xy").symlink_to(tmp_path / "b.xy")
-    (tmp_path / "b.xy").symlink_to(tmp_path / "a.xy")
-    one_error_line(qdsize("predict", tmp_path / "a.xy", home=home), "symbolic link loop")
-    q, i = np.loadtxt(EXAMPLES / "pbs_E_q_nm.csv", delimiter=",", skiprows=2).T  # Q in 1/nm ...
-    nm = tmp_path / "nm.xy"
-    np.savetxt(nm, np.stack([q, i], 1))  # ... with no unit in the file, read as 1/A by --x-unit q_A
-    one_error_line(qdsize("predict", nm, "--x-unit", "q_A", home=home), "what Q in 1/nm would read", "q_nm")
+    from_stdin, from_file = json.loads(r.stdout)[0], json.loads(piped["file"].stdout)[0]
+    assert from_stdin["file"] == "-" and from_stdin["mean_diameter_nm"] == pytest.approx(from_file["mean_diameter_nm"])
+    one_error_line(piped["loop"], "symbolic link loop")
+    one_error_line(piped["nm"], "what Q in 1/nm would read", "q_nm")
 
 
 # 12 -----------------------------------------------------------------------------------------------------------------
