@@ -66,17 +66,22 @@ class Predictor:
                    model_uri or str(folder), card, ood.PhysicsCheck.load(folder))
 
     # ---- inference
-    def resolution_outside(self, told) -> list[str]:
-        """Why a given instrument resolution lies outside what the network was trained on (empty if inside)."""
+    def resolution_missed(self, told) -> list[tuple[str, float, float, float]]:
+        """(name, value, trained low, trained high) of each given resolution parameter outside the trained range."""
         trained = self.card.get("resolution_trained") or {}
-        if told is None or not trained:
+        if told is None:
             return []
         out = []
         for name, v in zip(RESOLUTION_KEYS, told):
             lo, hi = trained.get(name, (0.0, float("inf")))
             if not lo - 1e-12 <= v <= hi + 1e-12:
-                out.append(f"resolution {name} = {v:g} outside the trained {lo:g}-{hi:g}")
+                out.append((name, float(v), lo, hi))
         return out
+
+    def resolution_outside(self, told) -> list[str]:
+        """Why a given instrument resolution lies outside what the network was trained on (empty if inside)."""
+        return [f"resolution {n} = {v:g} outside the trained {lo:g}-{hi:g}" for n, v, lo, hi in
+                self.resolution_missed(told)]
 
     @property
     def takes_resolution(self) -> bool:

@@ -71,16 +71,8 @@ def resolution_warnings(predictor, told) -> list[str]:
     """What a user should know about the resolution they gave: ignored by an older model, or outside training."""
     if not predictor.takes_resolution:
         return [f"--resolution: model {predictor.model_uri} was trained without a resolution input; ignored"]
-    from qdsize.sim.contract import RESOLUTION_KEYS
-
-    trained = predictor.card.get("resolution_trained") or {}
-    out = []
-    for name, v in zip(RESOLUTION_KEYS, told):
-        lo, hi = trained.get(name, (0.0, float("inf")))
-        if not lo - 1e-12 <= v <= hi + 1e-12:
-            out.append(f"--resolution {name} = {v:g} lies outside what the model was trained on [{lo:g}, {hi:g}]; "
-                       "the estimates may be biased")
-    return out
+    return [f"--resolution {name} = {v:g} lies outside what the model was trained on [{lo:g}, {hi:g}]; the "
+            "estimates may be biased" for name, v, lo, hi in predictor.resolution_missed(told)]
 
 
 @app.command()
