@@ -185,9 +185,9 @@ def refine_benchmark(args, predictor, x, mask, truth, shape_of, console) -> dict
     # one table per model family for all patterns: built once
     lad_range = rf.fit_ladder_range(np.array([1.0, q_hi]))[:2]
     if args.refine_shape != "matched":  # the families `qdsize predict --refine --shape SHAPE` tries
-        from qdsize.platform.cli_refine import check_options
+        from qdsize.sim.refine import fit_options
 
-        cli_models = check_options({"shape": args.refine_shape}).get("models") or [{"shape": args.refine_shape}]
+        cli_models = fit_options({"shape": args.refine_shape}).get("models") or [{"shape": args.refine_shape}]
         auto = {(m["shape"], m.get("surface", rf.DEFAULT_LADDER["surface"])): rf.load_ladder(*lad_range, spec=m)
                 for m in cli_models}
     else:

@@ -328,18 +328,24 @@ def expand_inputs(paths) -> list[str]:
     return out
 
 
-def predict_files(paths, model="builtin", resolution=None, *, x_unit=None, wavelength_angstrom=None,
-                  energy_kev=None, force_wavelength: bool = False, stdin_text: str | None = None,
-                  progress=None) -> list[dict]:
+def predict_files(paths, model="builtin", resolution=None, refine: bool = False, *, x_unit=None,
+                  wavelength_angstrom=None, energy_kev=None, force_wavelength: bool = False,
+                  stdin_text: str | None = None, refine_options: dict | None = None, progress=None,
+                  inputs: dict | None = None) -> list[dict]:
     """Size every measured pattern file: one dict per file, in order, with the prediction (`Predictor.predict`'s
     fields) or, for a file that cannot be read or covers too little Q, its `error`; each with its `warnings`.
 
         from qdsize.ml.predict import predict_files
-        for row in predict_files(["a.xy", "b.xye"], resolution="0.0141,0.0012"):
-            print(row["file"], row.get("mean_diameter_nm"), row.get("error"))
+        for row in predict_files(["a.xy", "b.xye"], resolution="0.0141,0.0012", refine=True):
+            print(row["file"], row.get("mean_diameter_nm"), row.get("refined", {}).get("answer"), row.get("error"))
 
     `model`: a Predictor, or a URI for `load` ("builtin" is the released model). A folder in `paths` stands for
-    its pattern files; "-" reads `stdin_text`. `progress`: wraps the list of files (e.g. a progress bar).
+    its pattern files; "-" reads `stdin_text`. `refine`: then fit the exact DSE model to each answered pattern
+    from the network's answer (`qdsize.sim.refine.refine_pattern`, in this process; options of
+    `qdsize.sim.refine.fit_options` in `refine_options`, shape "auto" by default, a told resolution fixed): each
+    row gets `refined`, the fit with the guard's verdict and the `answer` to report, or {"error": ...}.
+    `progress`: wraps the list of files (e.g. a progress bar). `inputs`: a dict, filled with {file: (pattern,
+    intensity on the model grid, mask)} for each answered file.
     """
     from qdsize.sim import measured
 
@@ -366,25 +372,25 @@ def predict_files(paths, model="builtin", resolution=None, *, x_unit=None, wavel
             rows.append({"file": f, "error": f"{f}: cannot be read ({exc.strerror or exc})", "warnings": []})
             continue
         rows.append({"file": f, "warnings": [*pat.warnings, *warns], "wavelength_angstrom": pat.wavelength_angstrom})
-        ok.append((len(rows) - 1, y, mask))
+        ok.append((len(rows) - 1, pat, y, mask))
     if ok:
-        x = np.stack([y for _, y, _ in ok])
-        m = np.stack([mk for _, _, mk in ok])
-        for (i, _, _), res in zip(ok, predictor.predict(x, m, resolution=told)):
+        x = np.stack([y for _, _, y, _ in ok])
+        m = np.stack([mk for _, _, _, mk in ok])
+        for (i, _, _, _), res in zip(ok, predictor.predict(x, m, resolution=told)):
             rows[i] = {"file": rows[i]["file"], **res, "warnings": rows[i]["warnings"],
                        "wavelength_angstrom": rows[i]["wavelength_angstrom"]}
+    if inputs is not None:
+        inputs.update({rows[i]["file"]: (pat, y, mk) for i, pat, y, mk in ok})
+    if refine and ok:
+        from qdsize.sim import refine as rf
+
+        opts = {"resolution": (told[0], told[1]) if told is not None else "fit", **(refine_options or {})}
+        opts = rf.fit_options(opts)
+        for i, pat, _, _ in (progress or (lambda xs: xs))(ok):
+            start = {k: rows[i][k] for k in rf.START_KEYS if rows[i].get(k) is not None}
+            try:
+                rows[i]["refined"] = {**rf.refine_pattern(pat, start, opts).refined, "warnings": list(pat.warnings)}
+            except InputError as exc:
+                rows[i]["refined"] = {"error": str(exc)}
     return rows
 
-
-def inputs_of(rows: list[dict], predictor: Predictor, stdin_text: str | None = None, **read) -> dict:
-    """{file: (intensity, mask)} on the model grid for the answered rows (to plot them), read again."""
-    from qdsize.sim import measured
-
-    out = {}
-    for r in rows:
-        if "error" in r:
-            continue
-        pat = measured.read_pattern(r["file"], text=stdin_text if r["file"] == STDIN else None, **read)
-        y, mask, _ = measured.resample(pat, predictor.q_inv_angstrom)
-        out[r["file"]] = (y, mask)
-    return out

@@ -208,7 +208,7 @@ def predict(
                                 "distribution, outside the trained range), for scripts."),
 ):
     """Mean size and size dispersion, with uncertainties, of each measured pattern."""
-    from qdsize.ml.predict import STDIN, check_resolution, expand_inputs, inputs_of, predict_files
+    from qdsize.ml.predict import STDIN, check_resolution, expand_inputs, predict_files
     from qdsize.platform import textout
 
     if fmt not in ("table", "json", "csv"):
@@ -224,7 +224,8 @@ def predict(
             typer.echo(f"qdsize: warning: {line}", err=True)
     read = dict(x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev,
                 force_wavelength=force_wavelength)
-    rows = predict_files(paths, predictor, told, stdin_text=stdin_text,
+    patterns: dict = {}  # what each answered file holds on the model grid, for the figures
+    rows = predict_files(paths, predictor, told, stdin_text=stdin_text, inputs=patterns,
                          progress=lambda xs: textout.progress(xs, "reading and sizing", progress), **read)
     for r in rows:
         for w in r["warnings"]:
@@ -254,9 +255,8 @@ def predict(
 
         from qdsize.platform.figures import plot_prediction
 
-        patterns = inputs_of(answered, predictor, stdin_text=stdin_text, **read)
         for r in answered:
-            y, mk = patterns[r["file"]]
+            _, y, mk = patterns[r["file"]]
             name = "stdin" if r["file"] == STDIN else Path(r["file"]).stem
             target = plot if len(answered) == 1 and plot.suffix == ".png" else Path(plot) / f"{name}.png"
             cam = predictor.model.class_activation_map(torch.as_tensor(y[None]), torch.as_tensor(mk[None]))[0]

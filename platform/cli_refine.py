@@ -12,13 +12,10 @@ import typer
 
 from qdsize.platform.cli_app import app
 from qdsize.sim.errors import InputError, bad
+from qdsize.sim.refine import START_KEYS
 
-ESTIMATE_KEYS = ("mean_diameter_nm", "size_dispersion_pct")
-STD_KEYS = ("mean_diameter_std_nm", "size_dispersion_std_pct")  # the network's uncertainties: the guard uses them
-OPTION_KEYS = ("ladder_spec", "shape", "surface", "q_range", "background", "background_degree", "background_spacing",
-               "solvent", "capillary", "compton", "resolution", "q_zero", "n_starts", "network_prior",
-               "refine_microstrain", "microstrain_pct")
-
+ESTIMATE_KEYS = START_KEYS[:2]  # the network's answer, needed
+STD_KEYS = START_KEYS[2:]  # the network's uncertainties: the guard uses them where given
 
 # ----------------------------------------------------------------------------------------------------------------
 # Estimates from `qdsize predict --format json`
@@ -70,31 +67,17 @@ def match_estimates(files: list[Path], rows: list[dict]) -> list[dict]:
 # One file, a batch (Ray when there is more than one core or node)
 # ----------------------------------------------------------------------------------------------------------------
 def _read(f, x_unit, wavelength_angstrom, energy_kev):
-    from qdsize.sim import measured, scattering
+    from qdsize.sim import measured
 
-    pat = measured.read_pattern(f, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
-    en = scattering.energy_kev(pat.wavelength_angstrom) if pat.wavelength_angstrom else None
-    return pat, en
+    return measured.read_pattern(f, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom, energy_kev=energy_kev)
 
 
 def refine_one(f, start: dict, *, x_unit=None, wavelength_angstrom=None, energy_kev=None, options=None):
     """(RefineResult, warnings) for one file, or raises InputError with the file named."""
     from qdsize.sim import refine as rf
 
-    pat, en = _read(f, x_unit, wavelength_angstrom, energy_kev)
-    opts = dict(options or {})
-    models = opts.pop("models", None)
-    try:
-        if models:  # shape "auto": each candidate family, the best kept, their spread in the uncertainty
-            res = rf.refine_models(pat.q_inv_angstrom, pat.intensity, start, models=models, sigma=pat.sigma,
-                                   energy_kev=en, name=str(f), **opts)
-        else:
-            res = rf.refine(pat.q_inv_angstrom, pat.intensity, start, sigma=pat.sigma, energy_kev=en, name=str(f),
-                            **opts)
-    except InputError as exc:
-        msg = str(exc)
-        raise InputError(msg if msg.startswith(str(f)) else f"{f}: {msg}") from None
-    return res, list(pat.warnings)
+    pat = _read(f, x_unit, wavelength_angstrom, energy_kev)
+    return rf.refine_pattern(pat, start, options), list(pat.warnings)
 
 
 def _safe_one(f, start, kw):
@@ -118,7 +101,7 @@ def _prebuild(files, kw):
     done = set()
     for f in files:
         try:
-            pat, _ = _read(f, kw.get("x_unit"), kw.get("wavelength_angstrom"), kw.get("energy_kev"))
+            pat = _read(f, kw.get("x_unit"), kw.get("wavelength_angstrom"), kw.get("energy_kev"))
         except InputError:
             continue  # reported by the worker
         q_range = opts.get("q_range") or (1.0, None)
@@ -180,51 +163,13 @@ def refine_many(files: list, starts: list[dict], *, x_unit=None, wavelength_angs
             ray.shutdown()
 
 
-def check_options(options: dict) -> dict:
-    """Refinement options for `qdsize.sim.refine.refine`, checked: `shape` and `surface` go into the ladder spec,
-    `solvent` / `capillary` are a name or names (None or () for none)."""
-    from qdsize.sim import cluster, solvents
-
-    unknown = sorted(set(options) - set(OPTION_KEYS))
-    if unknown:
-        raise bad("options", unknown, f"refinement options among {list(OPTION_KEYS)}")
-    from qdsize.sim import refine as rf
-
-    opts = dict(options)
-    spec = dict(opts.pop("ladder_spec", None) or {})
-    shape = opts.pop("shape", None) or spec.pop("shape", None) or "auto"
-    surface = opts.pop("surface", None) or spec.pop("surface", None)
-    if surface is not None and surface not in ("cation_rich", "stoichiometric", "as_cut"):
-        raise bad("surface", surface, "cation_rich (Pb-rich), stoichiometric or as_cut")
-    if shape == "auto":  # the best of the candidate families (a given surface applies to each)
-        models = [{**m, **({"surface": surface} if surface else {})} for m in rf.AUTO_MODELS]
-        opts["models"] = [dict(t) for t in dict.fromkeys(tuple(sorted(m.items())) for m in models)]
-    else:
-        cluster.parse_shape(shape)
-        spec["shape"] = shape
-        if surface is not None:
-            spec["surface"] = surface
-        else:  # a shape without a surface: both surfaces tried, their spread in the uncertainty
-            opts["models"] = [{"shape": shape, "surface": sf} for sf in rf.AUTO_SURFACES]
-    if spec:
-        opts["ladder_spec"] = spec
-    for key, check in (("solvent", solvents.check_solvent), ("capillary", solvents.check_capillary)):
-        v = opts.get(key)
-        if v is None:
-            opts.pop(key, None)
-            continue
-        names = (v,) if isinstance(v, str) else tuple(v)
-        opts[key] = tuple(check(n, key) for n in names)
-    return opts
-
-
 def refine_rows(rows: list[dict], files: list, *, x_unit=None, wavelength_angstrom=None, energy_kev=None,
                 plot: Path | None = None, address: str | None = None, use_ray: bool | None = None,
                 progress: bool | None = None, **options) -> list[dict]:
     """The network's rows (one per file, in order) with a `refined` object added: the refined values with the
     guard's verdict (`accepted`, `verdict`, and `answer`: what to report, the refinement's or the network's), or
     {"error": "..."} for a file that could not be refined. The network's uncertainties in the rows
-    (mean_diameter_std_nm, size_dispersion_std_pct) feed the guard. Options (OPTION_KEYS) go to
+    (mean_diameter_std_nm, size_dispersion_std_pct) feed the guard. Options (qdsize.sim.refine.OPTION_KEYS) go to
     `qdsize.sim.refine.refine`; among them shape="sphere" | "cube" | "cuboctahedron" | "truncated_octahedron" |
     "octahedron" | "polyhedron:RHO" | "auto" (default: the best by chi-square of qdsize.sim.refine.AUTO_MODELS, the
     spread between them added to the uncertainty), surface="cation_rich" | "stoichiometric" | "as_cut" (default:
@@ -234,7 +179,9 @@ def refine_rows(rows: list[dict], files: list, *, x_unit=None, wavelength_angstr
     A ladder_spec={"shape": ...} (older callers) is read as shape=."""
     if len(rows) != len(files):
         raise bad("rows", f"{len(rows)} rows for {len(files)} files", "one estimate row per file")
-    options = check_options(options)
+    from qdsize.sim.refine import fit_options
+
+    options = fit_options(options)
     starts = [{**{k: r[k] for k in ESTIMATE_KEYS}, **{k: r[k] for k in STD_KEYS if r.get(k) is not None}}
               for r in rows]
     results = refine_many(list(files), starts, x_unit=x_unit, wavelength_angstrom=wavelength_angstrom,

@@ -145,12 +145,37 @@ def run_trial(point: dict, *, base: dict, tracking_uri: str, experiment_id: str,
     cfg_dict["threads"] = threads
     cfg = conf.from_dict(TrainConfig, cfg_dict, "train")
     trial_id = tune.get_context().get_trial_id()
+    done = finished_trial(tracking_uri, experiment_id, parent_run_id, f"trial-{trial_id}")
+    if done is not None:  # trained to the end before an interruption that Tune's saved state missed: not again
+        tune.report({**done, "done_training": 1})
+        return
     result = train(cfg, tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=f"trial-{trial_id}",
                    parent_run_id=parent_run_id, report=tune.report, progress=False)
     final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     # the last report (iteration max_epochs + 1 at most) carries the frozen-split scores and the logged model
     tune.report({**final, "val_loss": result["best_val_loss"], "model_uri": result["model_uri"] or "",
                  "run_id": result["run_id"], "done_training": 1})
+
+
+def finished_trial(tracking_uri: str, experiment_id: str, parent_run_id: str, run_name: str) -> dict | None:
+    """The final report of a trial whose MLflow run already finished training (with its model), or None.
+
+    Tune saves its experiment state every few seconds: a sweep interrupted just after a trial finished can restore
+    that trial as unfinished. Its MLflow run says it is done, so a resume reports it from there instead of
+    training it a second time under the same name.
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                              f"attributes.run_name = '{run_name}' and attributes.status = 'FINISHED'",
+                              max_results=1)
+    if not runs or not runs[0].data.tags.get("qdsize.model_uri"):
+        return None
+    run = runs[0]
+    metrics = {k: v for k, v in run.data.metrics.items() if math.isfinite(v)}
+    return {**metrics, "val_loss": metrics.get("best_val_loss", metrics.get("val_loss", math.inf)),
+            "model_uri": run.data.tags["qdsize.model_uri"], "run_id": run.info.run_id}
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1107,3 +1107,70 @@ def _finite_or_none(v):
     if isinstance(v, (float, np.floating)):
         return float(v) if math.isfinite(v) else None
     return v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One measured pattern, from the network's estimate: what `qdsize predict --refine`, `qdsize refine` and
+# `qdsize.ml.predict.predict_files(..., refine=True)` all call
+# ----------------------------------------------------------------------------------------------------------------
+# what a refinement starts from: the network's answer, and its uncertainties for the guard where given
+START_KEYS = ("mean_diameter_nm", "size_dispersion_pct", "mean_diameter_std_nm", "size_dispersion_std_pct")
+OPTION_KEYS = ("ladder_spec", "shape", "surface", "q_range", "background", "background_degree", "background_spacing",
+               "solvent", "capillary", "compton", "resolution", "q_zero", "n_starts", "network_prior",
+               "refine_microstrain", "microstrain_pct")
+
+
+def fit_options(options: dict) -> dict:
+    """User-facing refinement options (OPTION_KEYS), checked, as `refine_pattern` takes them: `shape` ("auto" by
+    default: each of AUTO_MODELS; a shape without a surface: each of AUTO_SURFACES) and `surface` become the ladder
+    spec or the candidate `models`; `solvent` / `capillary` are a name or names (None or () for none)."""
+    from . import cluster
+
+    unknown = sorted(set(options) - set(OPTION_KEYS))
+    if unknown:
+        raise bad("options", unknown, f"refinement options among {list(OPTION_KEYS)}")
+    opts = dict(options)
+    spec = dict(opts.pop("ladder_spec", None) or {})
+    shape = opts.pop("shape", None) or spec.pop("shape", None) or "auto"
+    surface = opts.pop("surface", None) or spec.pop("surface", None)
+    if surface is not None and surface not in ("cation_rich", "stoichiometric", "as_cut"):
+        raise bad("surface", surface, "cation_rich (Pb-rich), stoichiometric or as_cut")
+    if shape == "auto":  # the best of the candidate families (a given surface applies to each)
+        models = [{**m, **({"surface": surface} if surface else {})} for m in AUTO_MODELS]
+        opts["models"] = [dict(t) for t in dict.fromkeys(tuple(sorted(m.items())) for m in models)]
+    else:
+        cluster.parse_shape(shape)
+        spec["shape"] = shape
+        if surface is not None:
+            spec["surface"] = surface
+        else:  # a shape without a surface: both surfaces tried, their spread in the uncertainty
+            opts["models"] = [{"shape": shape, "surface": sf} for sf in AUTO_SURFACES]
+    if spec:
+        opts["ladder_spec"] = spec
+    for key, check in (("solvent", solvents.check_solvent), ("capillary", solvents.check_capillary)):
+        v = opts.get(key)
+        if v is None:
+            opts.pop(key, None)
+            continue
+        names = (v,) if isinstance(v, str) else tuple(v)
+        opts[key] = tuple(check(n, key) for n in names)
+    return opts
+
+
+def refine_pattern(pattern, start: dict, options: dict | None = None) -> RefineResult:
+    """Refine a measured pattern (`qdsize.sim.measured.MeasuredPattern`) from `start` (the network's
+    mean_diameter_nm and size_dispersion_pct, with their std for the guard), with options from `fit_options`;
+    an InputError names the pattern's file."""
+    opts = dict(options or {})
+    models = opts.pop("models", None)
+    en = scattering.energy_kev(pattern.wavelength_angstrom) if pattern.wavelength_angstrom else None
+    name = str(pattern.path)
+    try:
+        if models:
+            return refine_models(pattern.q_inv_angstrom, pattern.intensity, start, models=models,
+                                 sigma=pattern.sigma, energy_kev=en, name=name, **opts)
+        return refine(pattern.q_inv_angstrom, pattern.intensity, start, sigma=pattern.sigma, energy_kev=en,
+                      name=name, **opts)
+    except InputError as exc:
+        msg = str(exc)
+        raise InputError(msg if msg.startswith(name) else f"{name}: {msg}") from None

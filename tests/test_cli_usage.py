@@ -255,7 +255,7 @@ def test_7_an_instrument_outside_training_is_flagged_with_an_honest_sigma(wide):
 
 # 6 ------------------------------------------------------------------------------------------------------------------
 def test_6_a_refinement_that_does_not_fit_is_rejected_with_its_reason_never_reported_with_zero_sigma(
-        tmp_path, home, capsys):
+        tmp_path, home, capsys, monkeypatch):
     png = tmp_path / "fit.png"
     r = qdsize("predict", EXAMPLES / "pbs_F_large.xy", "--refine", "--shape", "sphere", "--plot", png,
                "--format", "json", home=home)
@@ -274,6 +274,17 @@ def test_6_a_refinement_that_does_not_fit_is_rejected_with_its_reason_never_repo
     table = capsys.readouterr().out
     assert not re.search(r"± 0\.0+(?![0-9])", table)  # no uncertainty printed as exactly zero
     assert "rejected" in table and "(network)" in table
+
+    # the library path: the same answer and the same fit from predict_files(..., refine=True), in this process
+    from qdsize.ml.predict import predict_files
+
+    monkeypatch.setenv("QDSIZE_HOME", str(home))  # the tables the command built
+    lib = predict_files([EXAMPLES / "pbs_F_large.xy", tmp_path / "none.xy"], refine=True,
+                        refine_options={"shape": "sphere"})
+    assert lib[0]["mean_diameter_nm"] == pytest.approx(row["mean_diameter_nm"], abs=1e-6)
+    assert lib[0]["refined"]["verdict"] == ref["verdict"] and lib[0]["refined"]["answer"] == ref["answer"]
+    assert lib[0]["refined"]["reduced_chi2"] == pytest.approx(ref["reduced_chi2"], rel=1e-6)
+    assert "error" in lib[1] and "refined" not in lib[1]
 
 
 # 8 ------------------------------------------------------------------------------------------------------------------

@@ -362,24 +362,22 @@ def test_uncertainties_scale_with_the_fit_quality(ladder, family_stats):
 
 
 def test_refine_rows_options_shape_surface_solvent():
-    """refine_rows' options: shape "auto" (the default) tries every AUTO_MODELS family, a given surface applying to
-    each; a named shape (also as the older ladder_spec={"shape": ...}) is tried with each of AUTO_SURFACES unless a
-    surface is given; solvent is a name or names, checked; unknown options and values are refused, the accepted
-    ones named."""
-    import qdsize.platform.cli_refine as cr
-
-    auto = cr.check_options({})
+    """Refinement options (fit_options, as refine_rows and predict_files take them): shape "auto" (the default)
+    tries every AUTO_MODELS family, a given surface applying to each; a named shape (also as the older
+    ladder_spec={"shape": ...}) is tried with each of AUTO_SURFACES unless a surface is given; solvent is a name or
+    names, checked; unknown options and values are refused, the accepted ones named."""
+    auto = rf.fit_options({})
     assert auto["models"] == [dict(m) for m in rf.AUTO_MODELS] and "ladder_spec" not in auto
-    stoich = cr.check_options({"shape": "auto", "surface": "stoichiometric"})["models"]
+    stoich = rf.fit_options({"shape": "auto", "surface": "stoichiometric"})["models"]
     assert {m["surface"] for m in stoich} == {"stoichiometric"} and len(stoich) == len({m["shape"] for m in
                                                                                           rf.AUTO_MODELS})
-    one = cr.check_options({"shape": "cube", "surface": "as_cut"})
+    one = rf.fit_options({"shape": "cube", "surface": "as_cut"})
     assert one["ladder_spec"] == {"shape": "cube", "surface": "as_cut"} and "models" not in one
-    old = cr.check_options({"ladder_spec": {"shape": "octahedron"}, "solvent": "Toluene"})
+    old = rf.fit_options({"ladder_spec": {"shape": "octahedron"}, "solvent": "Toluene"})
     assert old["ladder_spec"] == {"shape": "octahedron"} and old["solvent"] == ("toluene",)
     assert old["models"] == [{"shape": "octahedron", "surface": sf} for sf in rf.AUTO_SURFACES]
-    assert cr.check_options({"solvent": ["hexane", "water"]})["solvent"] == ("hexane", "water")
+    assert rf.fit_options({"solvent": ["hexane", "water"]})["solvent"] == ("hexane", "water")
     for bad_opts, match in (({"shape": "blob"}, "shape = 'blob'"), ({"surface": "oxidised"}, "surface = 'oxidised'"),
                             ({"solvent": ("benzine",)}, "solvent = 'benzine'"), ({"colour": 1}, "options")):
         with pytest.raises(InputError, match=match):
-            cr.check_options(bad_opts)
+            rf.fit_options(bad_opts)

@@ -128,3 +128,30 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_dat
     children = _children(state["parent_run_id"])
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len({c.info.run_name for c in finished}) == len(finished)  # no trial trained to the end twice
+
+
+def test_a_trial_that_finished_before_an_interruption_is_reported_not_retrained(home):
+    """Tune can restore a trial as unfinished that MLflow saw finish: the resume finds it and reports it."""
+    uri = tracking.tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("resume-lookup")
+    parent = client.create_run(exp, run_name="sweep-x").info.run_id
+    tags = {"mlflow.parentRunId": parent}
+    done = client.create_run(exp, run_name="trial-a", tags={**tags, "qdsize.model_uri": "models:/m-a"}).info.run_id
+    client.log_metric(done, "val_loss", 0.9, step=1)
+    client.log_metric(done, "best_val_loss", 0.7)
+    client.log_metric(done, "benchmark_size_accuracy", 0.8)
+    client.set_terminated(done, "FINISHED")
+    killed = client.create_run(exp, run_name="trial-b", tags={**tags, "qdsize.model_uri": "models:/m-b"}).info.run_id
+    client.set_terminated(killed, "KILLED")
+    client.create_run(exp, run_name="trial-c", tags=tags)  # still running
+    other = client.create_run(exp, run_name="sweep-y").info.run_id
+    elsewhere = client.create_run(exp, run_name="trial-d", tags={"mlflow.parentRunId": other,
+                                                                 "qdsize.model_uri": "models:/m-d"}).info.run_id
+    client.set_terminated(elsewhere, "FINISHED")
+
+    found = sw.finished_trial(uri, exp, parent, "trial-a")
+    assert found["run_id"] == done and found["model_uri"] == "models:/m-a"
+    assert found["val_loss"] == 0.7 and found["benchmark_size_accuracy"] == 0.8  # the best, as a full run reports
+    for name in ("trial-b", "trial-c", "trial-d", "trial-e"):
+        assert sw.finished_trial(uri, exp, parent, name) is None
