@@ -46,7 +46,7 @@ _DEBUSSY_TAGS = {  # name token prefix (case-insensitive) -> label, parser; long
     "conc": ("concentration_pct", "number"),
     "avg": ("mean_diameter_nm", "number"),
     "str": ("strain", "number"),
-    "sd": ("dispersion_pct", "number"),
+    "sd": ("size_dispersion_pct", "number"),
 }
 _NUMBER = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
@@ -58,7 +58,7 @@ def debussy_grid() -> np.ndarray:
 
 def parse_debussy_name(name: str) -> dict:
     """Labels of a Debussy pattern from its file name, e.g. PbS_Str1.0017_SD20_Avg2.00_SolvHEX_Conc25_noisy30.cal:
-    mean_diameter_nm (Avg), dispersion_pct (SD, std / mean in %), strain (Str, the factor on the bulk lattice
+    mean_diameter_nm (Avg), size_dispersion_pct (SD, std / mean in %), strain (Str, the factor on the bulk lattice
     parameter), solvent (Solv), concentration_pct (Conc, % particles against solvent), noise (noisy, the `noisy`
     program's scale: higher = less noise). Avg and SD are required; the rest is None when absent; tokens that are no
     label are kept in "other". Tokens are split at '_', tags matched case-insensitively in any order. A missing Avg
@@ -99,8 +99,8 @@ def parse_debussy_name(name: str) -> dict:
                          "label: expected a name like PbS_Str1.0017_SD20_Avg2.00_SolvHEX_Conc25_noisy30.cal")
     if not 0 < labels["mean_diameter_nm"] < 100:
         raise InputError(f"{base}: Avg = {labels['mean_diameter_nm']:g}: expected a mean diameter in nm (0-100)")
-    if not 0 <= labels["dispersion_pct"] <= 100:
-        raise InputError(f"{base}: SD = {labels['dispersion_pct']:g}: expected a dispersion in % (0-100)")
+    if not 0 <= labels["size_dispersion_pct"] <= 100:
+        raise InputError(f"{base}: SD = {labels['size_dispersion_pct']:g}: expected a dispersion in % (0-100)")
     return labels
 
 

@@ -160,7 +160,8 @@ def describe(entries, n_all: int, parts_found: list[int]) -> str:
     sample = "all" if len(entries) == n_all else f"a random {len(entries)} of the {n_all}"
     return (f"{len(entries)} files ({sample} in parts {ext_range(parts_found)}): the reference authors' Debussy "
             "patterns of PbS spheres (DeByeUSerSYstem/QDots-sizer data_training), one column of 5004 intensities on "
-            f"Q 0.99-15.0 1/A by 0.0028; mean diameters {min(d):g}-{max(d):g} nm, SD {values('dispersion_pct', ' %')}, "
+            f"Q 0.99-15.0 1/A by 0.0028; mean diameters {min(d):g}-{max(d):g} nm, "
+            f"SD {values('size_dispersion_pct', ' %')}, "
             f"solvent {values('solvent')} at Conc {values('concentration_pct', ' %')}, noisy scale {values('noise')}; "
             "told: an ideal instrument (resolution 0, 0, 0; their Debussy input has no instrumental profile)")
 
@@ -225,7 +226,7 @@ def run(args) -> None:
             preds = predict_all(p, got["x"], got["mask"], res, args.batch, console, f"{mode}: {name}")
             pred_of = dict(zip(got["rows"], preds))
             rows[mode] = [{"file": e[2], "part": e[0], "labels": e[3], "true_d": e[3]["mean_diameter_nm"],
-                           "true_disp": e[3]["dispersion_pct"], "pred": pred_of.get(i),
+                           "true_disp": e[3]["size_dispersion_pct"], "pred": pred_of.get(i),
                            "refused": got["refused"].get(i)} for i, e in enumerate(entries)]
         summary_table(name, rows, entries, console)
         bins = ext.per_bin(rows["blind"], rows["told"])

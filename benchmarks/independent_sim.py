@@ -112,7 +112,7 @@ def sample(q, d, pair, self_part, rng: np.random.Generator) -> tuple[np.ndarray,
     b_iso = rng.uniform(0.5, 2.5)
     y = np.exp(-b_iso * q ** 2 / (8 * math.pi ** 2)) * (w @ pair) + w @ self_part
     q_measured, y_measured, conditions = experiment(q, y, rng)
-    return q_measured, y_measured, {"mean_diameter_nm": true_mean, "dispersion_pct": true_cv, "b_iso": b_iso,
+    return q_measured, y_measured, {"mean_diameter_nm": true_mean, "size_dispersion_pct": true_cv, "b_iso": b_iso,
                                     "clean": y, **conditions}
 
 
@@ -140,12 +140,12 @@ def experiment(q: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[
 
 
 def scores(pred: dict, d: np.ndarray, s: np.ndarray) -> dict:
-    err = np.abs(pred["mean_diameter"] - d)
-    s_err = np.abs(np.maximum(pred["dispersion"], 0) - s)
-    z = err / pred["mean_diameter_std"]
+    err = np.abs(pred["mean_diameter_nm"] - d)
+    s_err = np.abs(np.maximum(pred["size_dispersion_pct"], 0) - s)
+    z = err / pred["mean_diameter_std_nm"]
     return {"MAE nm": err.mean(), "within 0.25 nm": np.mean(err <= 0.25), "disp. MAE pts": s_err.mean(),
             "joint within": np.mean((err <= 0.25) & (s_err <= 2.5)), "1 sigma": np.mean(z <= 1),
-            "2 sigma": np.mean(z <= 2), "bias nm": float(np.mean(pred["mean_diameter"] - d))}
+            "2 sigma": np.mean(z <= 2), "bias nm": float(np.mean(pred["mean_diameter_nm"] - d))}
 
 
 def refine_subsets(d: np.ndarray, shape_of: np.ndarray) -> dict:
@@ -203,10 +203,10 @@ def refine_benchmark(args, predictor, x, mask, truth, shape_of, console) -> dict
             p = pred
         net, rep, raw, acc, secs, why = [], [], [], [], [], []
         for k, (qq, yy) in enumerate(pats):
-            start = {"mean_diameter_nm": float(p["mean_diameter"][k]),
-                     "mean_diameter_std_nm": float(p["mean_diameter_std"][k]),
-                     "size_dispersion_pct": float(max(p["dispersion"][k], 0.0)),
-                     "size_dispersion_std_pct": float(p["dispersion_std"][k])}
+            start = {"mean_diameter_nm": float(p["mean_diameter_nm"][k]),
+                     "mean_diameter_std_nm": float(p["mean_diameter_std_nm"][k]),
+                     "size_dispersion_pct": float(max(p["size_dispersion_pct"][k], 0.0)),
+                     "size_dispersion_std_pct": float(p["size_dispersion_std_pct"][k])}
             t = time.perf_counter()
             try:
                 if args.refine_shape != "matched":  # as `qdsize predict --refine` does
@@ -301,7 +301,7 @@ def main() -> None:
             shape_of.append(shape)
     x, mask, shape_of = np.array(x), np.array(mask), np.array(shape_of)
     d = np.array([t["mean_diameter_nm"] for t in truth])
-    s = np.array([t["dispersion_pct"] for t in truth])
+    s = np.array([t["size_dispersion_pct"] for t in truth])
     res = np.array([t["resolution"] for t in truth], dtype=np.float32)
 
     groups = {"all": np.ones(len(d), bool), **{sh: shape_of == sh for sh in SHAPES},
@@ -327,7 +327,7 @@ def main() -> None:
                 for lo in range(2, 10):
                     sel = (d >= lo) & (d < lo + 1)
                     if sel.any():
-                        e = pred["mean_diameter"][sel] - d[sel]
+                        e = pred["mean_diameter_nm"][sel] - d[sel]
                         figures[name]["per_bin"][f"{lo}-{lo + 1}"] = {
                             "n": int(sel.sum()), "bias_nm": float(e.mean()), "mae_nm": float(np.abs(e).mean()),
                             "within_0p25nm": float(np.mean(np.abs(e) <= 0.25))}

@@ -65,7 +65,7 @@ def main() -> None:
             table.add_column(col, justify="right")
 
         def scores(w, resolution):
-            err = ev.predict_arrays(model.model, patterns[w].numpy(), resolution=resolution)["mean_diameter"] - truth
+            err = ev.predict_arrays(model.model, patterns[w].numpy(), resolution=resolution)["mean_diameter_nm"] - truth
             return [f"{np.abs(err).mean():.3f}", f"{np.mean(np.abs(err) < 0.25):.3f}", f"{err[large].mean():+.3f}"]
 
         for w in widths:

@@ -30,7 +30,7 @@ def main() -> None:
 
     q = scattering.q_grid(0.8, 12.0, 0.004)
     rng = np.random.default_rng(0)
-    bases = [pattern.simulate(q, diameter_nm=d, dispersion_pct=s, b_iso=1.0).intensity
+    bases = [pattern.simulate(q, diameter_nm=d, size_dispersion_pct=s, b_iso=1.0).intensity
              for d, s in zip(rng.uniform(2.5, 11.5, 8), rng.uniform(0, 20, 8))]
     aug = augment.from_config({"preset": "realistic"}, q)
     with tempfile.TemporaryDirectory() as tmp:

@@ -71,12 +71,12 @@ def main() -> None:
                 for name, xs in inputs[k].items():
                     with torch.no_grad():
                         p = ev.predict_arrays(model.model, xs, resolution=res)
-                    e = p["mean_diameter"] - truth
+                    e = p["mean_diameter_nm"] - truth
                     maes[name] = float(np.abs(e).mean())
                     ratio = maes[name] / maes["qdsize (spline)"] if name != "qdsize (spline)" else float("nan")
                     table.add_row(f"{k * (q[1] - q[0]):.3f}", name, "told" if told else "blind",
                                   f"{maes[name]:.3f}", f"{e[large].mean():+.3f}", f"{np.abs(e[large]).mean():.3f}",
-                                  f"{np.abs(p['dispersion'] - disp).mean():.2f}",
+                                  f"{np.abs(p['size_dispersion_pct'] - disp).mean():.2f}",
                                   "" if np.isnan(ratio) else f"{ratio:.2f}x")
         console.print(table)
 

@@ -25,7 +25,7 @@ ENERGY_KEV = 17.479  # Mo K-alpha
 def observed(q: np.ndarray, mean_nm: float, disp_pct: float, seed: int) -> tuple[np.ndarray, dict]:
     """Counts of a simulated pattern (own fine ladder) smoothed by a Gaussian resolution, with a polynomial
     background, toluene and Poisson noise."""
-    pat = pattern.simulate(q, diameter_nm=mean_nm, dispersion_pct=disp_pct, surface="cation_rich", centre="random",
+    pat = pattern.simulate(q, diameter_nm=mean_nm, size_dispersion_pct=disp_pct, surface="cation_rich", centre="random",
                            seed=seed, strain=0.002, b_iso={"Pb": 1.4, "S": 0.9}, energy_kev=ENERGY_KEV)
     i = pat.intensity / pat.params["mean_atoms_per_particle"]
     i = rf.Broadening.on(q, 0.02).apply(i, 0.015, 0.001)[0]

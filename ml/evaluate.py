@@ -11,10 +11,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .model import TARGET_SCALE, QDNet  # noqa: E402
+from .model import TARGET_SCALE, TARGETS, QDNet  # noqa: E402
 
 SIZE_EDGES_NM = [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
 DISPERSION_EDGES_PCT = [0, 5, 10, 15, 25]
+STD_KEYS = {"mean_diameter_nm": "mean_diameter_std_nm", "size_dispersion_pct": "size_dispersion_std_pct"}  # as answered
 
 
 def class_of(values, edges) -> np.ndarray:
@@ -55,10 +56,10 @@ def predict_arrays(model: QDNet, intensity: np.ndarray, mask: np.ndarray | None 
     for head in ("size", "dispersion"):  # reported: the continuous estimate's class probabilities, when it has edges
         res[f"{head}_head_probs"] = torch.softmax(o[f"{head}_logits"], -1).numpy()
         res[f"{head}_probs"] = o[f"{head}_probs"].numpy() if f"{head}_probs" in o else res[f"{head}_head_probs"]
-    for key in ("mean_diameter", "dispersion"):
+    for key in TARGETS:
         centre, scale = TARGET_SCALE[key]
         res[key] = (o[key] * scale + centre).numpy()
-        res[key + "_std"] = (torch.exp(0.5 * o[key + "_logvar"]) * scale).numpy()
+        res[STD_KEYS[key]] = (torch.exp(0.5 * o[key + "_logvar"]) * scale).numpy()
     return res
 
 
@@ -81,17 +82,17 @@ def gaussian_nll(mean, std, target) -> float:
     return float(np.mean(0.5 * (np.log(2 * np.pi * var) + (np.asarray(target) - mean) ** 2 / var)))
 
 
-def metrics(pred: dict, mean_diameter_nm, dispersion_pct, size_class=None, dispersion_class=None, *,
+def metrics(pred: dict, mean_diameter_nm, size_dispersion_pct, size_class=None, dispersion_class=None, *,
             size_edges_nm=SIZE_EDGES_NM, dispersion_edges_pct=DISPERSION_EDGES_PCT) -> dict:
     """Every score of one split, keyed without prefix (the caller adds `benchmark_` and so on)."""
     d = np.asarray(mean_diameter_nm, dtype=np.float64)
-    s = np.asarray(dispersion_pct, dtype=np.float64)
+    s = np.asarray(size_dispersion_pct, dtype=np.float64)
     sc = class_of(d, size_edges_nm) if size_class is None else np.asarray(size_class)
     dc = class_of(s, dispersion_edges_pct) if dispersion_class is None else np.asarray(dispersion_class)
     size_ok = pred["size_probs"].argmax(1) == sc
     disp_ok = pred["dispersion_probs"].argmax(1) == dc
-    d_err = np.abs(pred["mean_diameter"] - d)
-    s_err = np.abs(pred["dispersion"] - s)
+    d_err = np.abs(pred["mean_diameter_nm"] - d)
+    s_err = np.abs(pred["size_dispersion_pct"] - s)
     return {
         "mean_diameter_mae_nm": float(d_err.mean()),
         "dispersion_mae_pct": float(s_err.mean()),
@@ -100,9 +101,9 @@ def metrics(pred: dict, mean_diameter_nm, dispersion_pct, size_class=None, dispe
         "joint_accuracy": float((size_ok & disp_ok).mean()),
         "ece": expected_calibration_error(pred["size_probs"], sc),
         "dispersion_ece": expected_calibration_error(pred["dispersion_probs"], dc),
-        "mean_diameter_nll": gaussian_nll(pred["mean_diameter"], pred["mean_diameter_std"], d),
-        "dispersion_nll": gaussian_nll(pred["dispersion"], pred["dispersion_std"], s),
-        "mean_diameter_coverage_1sigma": float(np.mean(d_err <= pred["mean_diameter_std"])),
+        "mean_diameter_nll": gaussian_nll(pred["mean_diameter_nm"], pred["mean_diameter_std_nm"], d),
+        "dispersion_nll": gaussian_nll(pred["size_dispersion_pct"], pred["size_dispersion_std_pct"], s),
+        "mean_diameter_coverage_1sigma": float(np.mean(d_err <= pred["mean_diameter_std_nm"])),
         "size_within_0p25nm": float(np.mean(d_err <= 0.25)),
         "dispersion_within_2p5pct": float(np.mean(s_err <= 2.5)),
         "joint_within": float(np.mean((d_err <= 0.25) & (s_err <= 2.5))),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qdsize.sim.contract import LABEL_COLUMNS
 from qdsize.sim.errors import bad
 
 
@@ -59,8 +60,22 @@ class ModelConfig:
         return asdict(self)
 
 
-# regression targets are learned on a normalised scale: (value - centre) / scale
-TARGET_SCALE = {"mean_diameter": (7.0, 3.0), "dispersion": (12.5, 7.5)}
+# the continuous estimates, under their label names (mean_diameter_nm, size_dispersion_pct), are learned on a
+# normalised scale: (value - centre) / scale
+TARGETS = LABEL_COLUMNS[:2]
+TARGET_SCALE = {"mean_diameter_nm": (7.0, 3.0), "size_dispersion_pct": (12.5, 7.5)}
+# the calibration buffers' names in models saved before the estimates took the label names: old -> new
+RENAMED_BUFFERS = {"mean_diameter_var_scale": "mean_diameter_nm_var_scale",
+                   "dispersion_var_scale": "size_dispersion_pct_var_scale",
+                   "mean_diameter_var_power": "mean_diameter_nm_var_power",
+                   "dispersion_var_power": "size_dispersion_pct_var_power",
+                   "mean_diameter_fusion_power": "mean_diameter_nm_fusion_power",
+                   "dispersion_fusion_power": "size_dispersion_pct_fusion_power"}
+
+
+def current_state_names(state: dict) -> dict:
+    """A saved state dict under today's buffer names (`RENAMED_BUFFERS`), so models saved before keep loading."""
+    return {RENAMED_BUFFERS.get(k, k): v for k, v in state.items()}
 
 
 def interval_probs(mean: torch.Tensor, std: torch.Tensor, edges: list[float]) -> torch.Tensor:
@@ -182,15 +197,15 @@ class QDNet(nn.Module):
         # post-hoc calibration on the validation split (temperature scaling, variance scaling): 1 = none
         self.register_buffer("size_temperature", torch.ones(()))
         self.register_buffer("dispersion_temperature", torch.ones(()))
-        self.register_buffer("mean_diameter_var_scale", torch.ones(()))
-        self.register_buffer("dispersion_var_scale", torch.ones(()))
+        self.register_buffer("mean_diameter_nm_var_scale", torch.ones(()))
+        self.register_buffer("size_dispersion_pct_var_scale", torch.ones(()))
         # calibrated variance = var_scale x (predicted variance) ^ var_power (models saved before: power 1)
-        self.register_buffer("mean_diameter_var_power", torch.ones(()))
-        self.register_buffer("dispersion_var_power", torch.ones(()))
+        self.register_buffer("mean_diameter_nm_var_power", torch.ones(()))
+        self.register_buffer("size_dispersion_pct_var_power", torch.ones(()))
         # the reported estimate fuses the continuous Gaussian with the class head's density to this power (`fuse`;
         # 0 = the Gaussian alone, as in models saved before)
-        self.register_buffer("mean_diameter_fusion_power", torch.zeros(()))
-        self.register_buffer("dispersion_fusion_power", torch.zeros(()))
+        self.register_buffer("mean_diameter_nm_fusion_power", torch.zeros(()))
+        self.register_buffer("size_dispersion_pct_fusion_power", torch.zeros(()))
         # and the fused class masses are temperature-scaled (the two experts see the same features: their product is
         # overconfident)
         self.register_buffer("size_fusion_temperature", torch.ones(()))
@@ -233,13 +248,13 @@ class QDNet(nn.Module):
         reg = self.regression_head(pooled)
         out = {"size_logits": self.size_head(pooled) / self.size_temperature,
                "dispersion_logits": self.dispersion_head(pooled) / self.dispersion_temperature,
-               "mean_diameter": reg[:, 0],
-               "mean_diameter_logvar": self.calibrated_logvar("mean_diameter", reg[:, 1]),
-               "dispersion": reg[:, 2],
-               "dispersion_logvar": self.calibrated_logvar("dispersion", reg[:, 3]),
+               "mean_diameter_nm": reg[:, 0],
+               "mean_diameter_nm_logvar": self.calibrated_logvar("mean_diameter_nm", reg[:, 1]),
+               "size_dispersion_pct": reg[:, 2],
+               "size_dispersion_pct_logvar": self.calibrated_logvar("size_dispersion_pct", reg[:, 3]),
                "ood_score": self.ood_score(pooled)}
-        for head, key, edges in (("size", "mean_diameter", self.config.size_edges_nm),
-                                 ("dispersion", "dispersion", self.config.dispersion_edges_pct)):
+        for head, key, edges in (("size", "mean_diameter_nm", self.config.size_edges_nm),
+                                 ("dispersion", "size_dispersion_pct", self.config.dispersion_edges_pct)):
             if edges is None:
                 continue
             centre, scale = TARGET_SCALE[key]  # in physical units

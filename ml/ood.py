@@ -11,7 +11,7 @@ from scipy.optimize import nnls
 FILE = "physics_check.npz"
 
 
-def pick_templates(patterns: np.ndarray, mean_diameter_nm: np.ndarray, dispersion_pct: np.ndarray,
+def pick_templates(patterns: np.ndarray, mean_diameter_nm: np.ndarray, size_dispersion_pct: np.ndarray,
                    n_bins: int = 24, per_bin: int = 2) -> np.ndarray:
     """The narrowest-dispersion clean patterns in each of `n_bins` size quantiles: a non-negative mix of them is a
     size distribution, so together they span the material's polydisperse patterns too."""
@@ -19,7 +19,7 @@ def pick_templates(patterns: np.ndarray, mean_diameter_nm: np.ndarray, dispersio
     picks = []
     for chunk in np.array_split(order, n_bins):
         if len(chunk):
-            picks.extend(chunk[np.argsort(dispersion_pct[chunk])[:per_bin]])
+            picks.extend(chunk[np.argsort(size_dispersion_pct[chunk])[:per_bin]])
     t = np.asarray(patterns[np.array(picks)], dtype=float)
     return t / np.abs(t).mean(axis=1, keepdims=True)
 
@@ -65,7 +65,7 @@ class PhysicsCheck:
     stride: int = 2
 
     @classmethod
-    def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, dispersion_pct, stride: int = 2,
+    def build(cls, q_inv_angstrom, patterns, mean_diameter_nm, size_dispersion_pct, stride: int = 2,
               solvent_dilation: tuple[float, float] = (1.0, 1.0), n_dilations: int = 2) -> "PhysicsCheck":
         """`solvent_dilation`: the range of k over which training stretched solvents, I(Q / k) (augment's
         solvent.dilation); each solvent then also enters the background stretched at `n_dilations` values of k
@@ -74,7 +74,7 @@ class PhysicsCheck:
         from qdsize.sim import refine, solvents
 
         q = np.asarray(q_inv_angstrom, dtype=float)
-        templates = pick_templates(patterns, np.asarray(mean_diameter_nm), np.asarray(dispersion_pct))
+        templates = pick_templates(patterns, np.asarray(mean_diameter_nm), np.asarray(size_dispersion_pct))
         # free-sign profiles besides the dots: the refinement's Legendre terms, every solvent and capillary
         background = refine.background_basis(q, 6, solvents.SOLVENTS, solvents.CAPILLARIES)[0]
         lo, hi = (float(v) for v in solvent_dilation)

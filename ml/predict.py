@@ -13,7 +13,7 @@ from qdsize.sim.contract import RESOLUTION_KEYS, Resolution
 from qdsize.sim.errors import InputError
 
 from . import evaluate, ood
-from .model import ModelConfig, QDNet
+from .model import ModelConfig, QDNet, current_state_names
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
@@ -59,7 +59,7 @@ class Predictor:
         # buffers that models saved before lack: their defaults (1, 0, 1) reproduce those models
         since = {k: v for k, v in net.state_dict().items()
                  if k.endswith(("_var_power", "_fusion_power", "_fusion_temperature"))}
-        net.load_state_dict({**since, **state})
+        net.load_state_dict({**since, **current_state_names(state)})
         net.eval()
         card = {k: v for k, v in meta.items() if k not in ("architecture", "q_inv_angstrom")}
         return cls(net, np.asarray(meta["q_inv_angstrom"]), meta["size_edges_nm"], meta["dispersion_edges_pct"],
@@ -121,8 +121,8 @@ class Predictor:
         for i in range(len(x)):
             sp, dp = pred["size_probs"][i], pred["dispersion_probs"][i]
             si, di = int(sp.argmax()), int(dp.argmax())
-            mean, mean_std = float(pred["mean_diameter"][i]), float(pred["mean_diameter_std"][i])
-            disp, disp_std = float(max(pred["dispersion"][i], 0.0)), float(pred["dispersion_std"][i])
+            mean, mean_std = float(pred["mean_diameter_nm"][i]), float(pred["mean_diameter_std_nm"][i])
+            disp, disp_std = float(max(pred["size_dispersion_pct"][i], 0.0)), float(pred["size_dispersion_std_pct"][i])
             flags = []
             if pred["ood_score"][i] > threshold:
                 flags.append(f"unlike the training patterns (score {pred['ood_score'][i]:.1f} > {threshold:.1f})")

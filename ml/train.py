@@ -19,7 +19,7 @@ from qdsize.sim.contract import FROZEN_SPLITS
 from qdsize.sim.errors import bad
 
 from . import data, evaluate, ood, shards
-from .model import TARGET_SCALE, ModelConfig, QDNet, fuse, fused_nll, pick_device
+from .model import TARGET_SCALE, TARGETS, ModelConfig, QDNet, fuse, fused_nll, pick_device
 
 
 @dataclass
@@ -234,9 +234,9 @@ def losses(out: dict, y: dict, w: LossWeights) -> dict[str, torch.Tensor]:
     ce_size = F.cross_entropy(out["size_logits"], y["size_class"].long())
     ce_disp = F.cross_entropy(out["dispersion_logits"], y["dispersion_class"].long())
     nll = 0.0
-    for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
+    for key in TARGETS:
         centre, scale = TARGET_SCALE[key]
-        target = (y[label].float() - centre) / scale
+        target = (y[key].float() - centre) / scale
         logvar = out[key + "_logvar"]
         per_sample = 0.5 * (logvar + (out[key] - target) ** 2 * torch.exp(-logvar))
         if w.nll_beta:
@@ -267,9 +267,10 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
     instrument unlike most); b lets the two ends scale apart.
     """
     model.eval()
-    for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_var_scale", "dispersion_var_scale",
-                "mean_diameter_var_power", "dispersion_var_power", "size_fusion_temperature",
-                "dispersion_fusion_temperature", "mean_diameter_fusion_power", "dispersion_fusion_power"):
+    for buf in ("size_temperature", "dispersion_temperature", "mean_diameter_nm_var_scale",
+                "size_dispersion_pct_var_scale", "mean_diameter_nm_var_power", "size_dispersion_pct_var_power",
+                "size_fusion_temperature", "dispersion_fusion_temperature", "mean_diameter_nm_fusion_power",
+                "size_dispersion_pct_fusion_power"):
         getattr(model, buf).fill_(0.0 if buf.endswith("fusion_power") else 1.0)  # the raw network
 
     def part(t, a):
@@ -282,17 +283,16 @@ def calibrate(model: QDNet, x: torch.Tensor, mask, y: dict, resolution: torch.Te
         t = best_temperature(out[f"{head}_logits"], y[label].long())
         getattr(model, f"{head}_temperature").fill_(t)
         result[f"{head}_temperature"] = t
-    for key, label in (("mean_diameter", "mean_diameter_nm"), ("dispersion", "size_dispersion_pct")):
+    for key in TARGETS:
         centre, scale = TARGET_SCALE[key]
-        power, var_scale = fit_variance(out[key] - (y[label].float() - centre) / scale, out[key + "_logvar"])
+        power, var_scale = fit_variance(out[key] - (y[key].float() - centre) / scale, out[key + "_logvar"])
         getattr(model, f"{key}_var_power").fill_(power)
         getattr(model, f"{key}_var_scale").fill_(var_scale)
         result[f"{key}_var_power"], result[f"{key}_var_scale"] = power, var_scale
-    for head, key, label, edges in (("size", "mean_diameter", "mean_diameter_nm", model.config.size_edges_nm),
-                                    ("dispersion", "dispersion", "size_dispersion_pct",
-                                     model.config.dispersion_edges_pct)):
+    for head, key, edges in (("size", "mean_diameter_nm", model.config.size_edges_nm),
+                             ("dispersion", "size_dispersion_pct", model.config.dispersion_edges_pct)):
         if edges is not None:
-            power, t = fit_fusion(out, model, head, key, y[label], y[f"{head}_class"].long(), edges)
+            power, t = fit_fusion(out, model, head, key, y[key], y[f"{head}_class"].long(), edges)
             getattr(model, f"{key}_fusion_power").fill_(power)
             getattr(model, f"{head}_fusion_temperature").fill_(t)
             result[f"{key}_fusion_power"], result[f"{head}_fusion_temperature"] = power, t
@@ -392,8 +392,8 @@ def log_figures(model: QDNet, history: list[dict], preds: dict, q: np.ndarray, d
         told = None if resolution is None else torch.as_tensor(resolution, device=device).expand(len(pick), -1)
         cams = model.class_activation_map(xt, resolution=told).detach().cpu().numpy()
         titles = [f"true {lab['mean_diameter_nm'][i]:.2f} nm, {lab['size_dispersion_pct'][i]:.1f} %; predicted "
-                  f"{pred['mean_diameter'][i]:.2f} +- {pred['mean_diameter_std'][i]:.2f} nm, "
-                  f"{pred['dispersion'][i]:.1f} +- {pred['dispersion_std'][i]:.1f} %" for i in pick]
+                  f"{pred['mean_diameter_nm'][i]:.2f} +- {pred['mean_diameter_std_nm'][i]:.2f} nm, "
+                  f"{pred['size_dispersion_pct'][i]:.1f} +- {pred['size_dispersion_std_pct'][i]:.1f} %" for i in pick]
         evaluate.plot_cams(q, x[pick], cams, titles, out_dir / f"cam_{split}.png")
 
 

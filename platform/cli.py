@@ -69,7 +69,7 @@ def pattern(
     shape: str = typer.Option("sphere", help="sphere, cube, cuboctahedron, truncated_octahedron, octahedron, "
                               "or polyhedron:RHO (facet ratio d111/d100 = RHO >= 0.577)."),
     diameter_nm: Optional[float] = typer.Option(None, "--diameter-nm", help="Equal-volume (mean) diameter in nm."),
-    dispersion_pct: float = typer.Option(0.0, "--dispersion-pct", help="Lognormal std/mean in percent."),
+    size_dispersion_pct: float = typer.Option(0.0, "--dispersion-pct", help="Lognormal std/mean in percent."),
     surface: str = typer.Option("as_cut", help="as_cut, stoichiometric or cation_rich (Pb-rich)."),
     anion_removal: float = typer.Option(0.5, help="Fraction of under-coordinated anions removed (cation_rich)."),
     centre: str = typer.Option("atom", help="Cut centred on an atom or at a random offset ('random')."),
@@ -103,7 +103,7 @@ def pattern(
             raise InputError("--diameter-nm: missing; expected a diameter in nm (or --xyz FILE)")
         xtal = crystals.from_cif(cif) if cif is not None else None
         pat = patterns.simulate(q, material=material, shape=shape, diameter_nm=diameter_nm,
-                                dispersion_pct=dispersion_pct, surface=surface, anion_removal=anion_removal,
+                                size_dispersion_pct=size_dispersion_pct, surface=surface, anion_removal=anion_removal,
                                 centre=centre, facet_ratio=facet_ratio, a_angstrom=a_angstrom, strain=strain,
                                 microstrain_pct=microstrain_pct, b_iso=b, energy_kev=energy_kev, seed=seed,
                                 crystal=xtal)

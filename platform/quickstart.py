@@ -44,7 +44,7 @@ def simulate_gallery(out_dir: Path) -> list:
     q = scattering.q_grid(1.0, 10.0, 0.005)
     out = []
     for label, d, disp, shape, surface in GALLERY:
-        p = pattern.simulate(q, diameter_nm=d, dispersion_pct=disp, shape=shape, surface=surface,
+        p = pattern.simulate(q, diameter_nm=d, size_dispersion_pct=disp, shape=shape, surface=surface,
                              b_iso={"Pb": 1.0, "S": 1.2}, energy_kev=17.479)
         name = label.split(",")[0].replace(" ", "_") + ("_poly" if disp else "")
         io.write_pattern(out_dir / f"pbs_{name}.xy", q, p.intensity, p.params)
@@ -65,7 +65,7 @@ def write_examples(folder: Path, seed: int = 7) -> list[Path]:
     for i, (name, unit, lam, d, disp, shape, surface, solvent) in enumerate(EXAMPLE_SPECS):
         b = {"Pb": float(rng.uniform(0.6, 2.0)), "S": float(rng.uniform(0.6, 2.5))}
         energy = scattering.energy_kev(lam) if lam else 17.479
-        p = pattern.simulate(q, diameter_nm=d, dispersion_pct=disp, shape=shape, surface=surface, b_iso=b,
+        p = pattern.simulate(q, diameter_nm=d, size_dispersion_pct=disp, shape=shape, surface=surface, b_iso=b,
                              energy_kev=energy, centre="random", seed=i, strain=float(rng.uniform(-0.004, 0.004)),
                              microstrain_pct=float(rng.uniform(0, 0.3)))
         cfg = augment.load_preset("realistic")

@@ -8,27 +8,28 @@ from scipy.special import ndtr
 from .errors import InputError, bad
 
 
-def check_labels(mean_diameter_nm: float, dispersion_pct: float) -> None:
+def check_labels(mean_diameter_nm: float, size_dispersion_pct: float) -> None:
     if not np.isfinite(mean_diameter_nm) or mean_diameter_nm <= 0:
         raise bad("mean_diameter_nm", mean_diameter_nm, "a positive mean diameter in nm")
-    if not np.isfinite(dispersion_pct) or not 0 <= dispersion_pct < 100:
-        raise bad("dispersion_pct", dispersion_pct, "a size dispersion (std/mean) in percent, 0 <= value < 100")
+    if not np.isfinite(size_dispersion_pct) or not 0 <= size_dispersion_pct < 100:
+        raise bad("size_dispersion_pct", size_dispersion_pct,
+                  "a size dispersion (std/mean) in percent, 0 <= value < 100")
 
 
-def lognormal_params(mean_diameter_nm: float, dispersion_pct: float) -> tuple[float, float]:
+def lognormal_params(mean_diameter_nm: float, size_dispersion_pct: float) -> tuple[float, float]:
     """(mu, s) of ln D for a number-weighted mean <D> and relative dispersion c = sigma_D / <D>."""
-    check_labels(mean_diameter_nm, dispersion_pct)
-    s2 = np.log1p((dispersion_pct / 100.0) ** 2)
+    check_labels(mean_diameter_nm, size_dispersion_pct)
+    s2 = np.log1p((size_dispersion_pct / 100.0) ** 2)
     return float(np.log(mean_diameter_nm) - s2 / 2.0), float(np.sqrt(s2))
 
 
-def quantile_range_nm(mean_diameter_nm: float, dispersion_pct: float, n_sigma: float = 4.0) -> tuple[float, float]:
+def quantile_range_nm(mean_diameter_nm: float, size_dispersion_pct: float, n_sigma: float = 4.0) -> tuple[float, float]:
     """Diameters that bracket all but a negligible tail (n_sigma of ln D) of the distribution."""
-    mu, s = lognormal_params(mean_diameter_nm, dispersion_pct)
+    mu, s = lognormal_params(mean_diameter_nm, size_dispersion_pct)
     return float(np.exp(mu - n_sigma * s)), float(np.exp(mu + n_sigma * s))
 
 
-def ladder_weights(diameters_nm, mean_diameter_nm: float, dispersion_pct: float) -> np.ndarray:
+def ladder_weights(diameters_nm, mean_diameter_nm: float, size_dispersion_pct: float) -> np.ndarray:
     """Number fraction assigned to each ladder size: the lognormal integrated against hat functions.
 
     Each size k takes int p(D) hat_k(D) dD, with hat_k the piecewise-linear interpolation basis on the ladder
@@ -39,20 +40,20 @@ def ladder_weights(diameters_nm, mean_diameter_nm: float, dispersion_pct: float)
     d = np.asarray(diameters_nm, dtype=np.float64)
     if d.ndim != 1 or d.size < 1 or np.any(np.diff(d) <= 0):
         raise InputError("diameters_nm: expected a strictly increasing ladder of diameters")
-    check_labels(mean_diameter_nm, dispersion_pct)
+    check_labels(mean_diameter_nm, size_dispersion_pct)
     if not d[0] <= mean_diameter_nm <= d[-1]:
         raise bad("mean_diameter_nm", mean_diameter_nm, f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")
     if d.size == 1:
         return np.ones(1)
-    return ladder_weights_batch(d, np.array([mean_diameter_nm]), np.array([dispersion_pct]))[0]
+    return ladder_weights_batch(d, np.array([mean_diameter_nm]), np.array([size_dispersion_pct]))[0]
 
 
-def ladder_weights_batch(diameters_nm: np.ndarray, mean_nm: np.ndarray, dispersion_pct: np.ndarray) -> np.ndarray:
+def ladder_weights_batch(diameters_nm: np.ndarray, mean_nm: np.ndarray, size_dispersion_pct: np.ndarray) -> np.ndarray:
     """`ladder_weights` for many (mean, dispersion) pairs on one ladder (at least two sizes) at once, shape (n, K):
     the same hat-function integrals of the number-weighted lognormal, the one implementation of both."""
     d = np.asarray(diameters_nm, dtype=np.float64)
     m = np.asarray(mean_nm, dtype=np.float64)
-    c = np.asarray(dispersion_pct, dtype=np.float64)
+    c = np.asarray(size_dispersion_pct, dtype=np.float64)
     if np.any(m < d[0]) or np.any(m > d[-1]):
         i = int(np.flatnonzero((m < d[0]) | (m > d[-1]))[0])
         raise bad("mean_diameter_nm", float(m[i]), f"a value inside the size ladder [{d[0]:.3f}, {d[-1]:.3f}] nm")

@@ -82,8 +82,8 @@ BAD_XYZ = {
 @pytest.mark.parametrize("args, field", [
     (["--diameter-nm", "-3"], "diameter_nm"),
     (["--diameter-nm", "0"], "diameter_nm"),
-    (["--diameter-nm", "4", "--dispersion-pct", "120"], "dispersion_pct"),
-    (["--diameter-nm", "4", "--dispersion-pct", "-1"], "dispersion_pct"),
+    (["--diameter-nm", "4", "--dispersion-pct", "120"], "size_dispersion_pct"),
+    (["--diameter-nm", "4", "--dispersion-pct", "-1"], "size_dispersion_pct"),
     (["--diameter-nm", "4", "--shape", "blob"], "shape"),
     (["--diameter-nm", "4", "--material", "unobtainium"], "material"),
     (["--diameter-nm", "4", "--surface", "oily"], "surface"),

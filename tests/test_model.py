@@ -22,7 +22,7 @@ def test_output_shapes(cfg, n_q):
     out = m(torch.rand(3, n_q) + 0.1)
     assert out["size_logits"].shape == (3, cfg.n_size_classes)
     assert out["dispersion_logits"].shape == (3, cfg.n_dispersion_classes)
-    for k in ("mean_diameter", "mean_diameter_logvar", "dispersion", "dispersion_logvar"):
+    for k in ("mean_diameter_nm", "mean_diameter_nm_logvar", "size_dispersion_pct", "size_dispersion_pct_logvar"):
         assert out[k].shape == (3,)
     assert m.class_activation_map(torch.rand(3, n_q) + 0.1).shape == (3, n_q)
 
@@ -104,8 +104,9 @@ def test_resolution_input_says_known_or_not_and_changes_the_prediction():
     net = QDNet(ModelConfig(channels=[8, 8], kernels=[5, 3], strides=[2, 2])).eval()
     assert net.features[0].in_channels == 7
     told, blind = net(x, resolution=res[[0, 0, 0]]), net(x)
-    assert not torch.allclose(told["mean_diameter"], blind["mean_diameter"])
-    torch.testing.assert_close(net(x, resolution=res[0])["mean_diameter"], told["mean_diameter"])  # one row for all
+    assert not torch.allclose(told["mean_diameter_nm"], blind["mean_diameter_nm"])
+    one_row = net(x, resolution=res[0])  # one row for all
+    torch.testing.assert_close(one_row["mean_diameter_nm"], told["mean_diameter_nm"])
 
 
 def test_class_probabilities_of_the_continuous_estimate():
@@ -176,13 +177,13 @@ def test_fusion_of_the_two_experts_against_a_grid_integration():
 def test_fusion_is_off_in_a_new_network_and_changes_the_answer_when_on():
     net = QDNet(ModelConfig(channels=[8], kernels=[3], strides=[2], n_size_classes=3, n_dispersion_classes=2,
                             size_edges_nm=[2.0, 3.0, 4.0, 5.0], dispersion_edges_pct=[0.0, 10.0, 25.0])).eval()
-    assert float(net.mean_diameter_fusion_power) == 0 and float(net.size_fusion_temperature) == 1
+    assert float(net.mean_diameter_nm_fusion_power) == 0 and float(net.size_fusion_temperature) == 1
     x = torch.rand(4, 32) + 1
     plain = net(x)
-    net.mean_diameter_fusion_power.fill_(1.0)
+    net.mean_diameter_nm_fusion_power.fill_(1.0)
     net.size_fusion_temperature.fill_(2.0)
     fused = net(x)
-    assert not torch.allclose(plain["mean_diameter"], fused["mean_diameter"])
+    assert not torch.allclose(plain["mean_diameter_nm"], fused["mean_diameter_nm"])
     torch.testing.assert_close(fused["size_probs"].sum(1), torch.ones(4))
     torch.testing.assert_close(plain["dispersion_probs"], fused["dispersion_probs"])  # its power is still 0
 
@@ -200,6 +201,31 @@ def test_a_model_saved_before_fusion_loads_with_it_off(tmp_path):
     state = torch.load(folder / WEIGHTS, weights_only=True)
     torch.save({k: v for k, v in state.items() if "fusion" not in k}, folder / WEIGHTS)
     loaded = Predictor.load(folder).model
-    assert float(loaded.mean_diameter_fusion_power) == 0 and float(loaded.size_fusion_temperature) == 1
+    assert float(loaded.mean_diameter_nm_fusion_power) == 0 and float(loaded.size_fusion_temperature) == 1
     x = torch.rand(3, 32) + 1
-    torch.testing.assert_close(loaded(x)["mean_diameter"], net(x)["mean_diameter"])
+    torch.testing.assert_close(loaded(x)["mean_diameter_nm"], net(x)["mean_diameter_nm"])
+
+
+def test_a_model_saved_under_the_old_buffer_names_loads_the_same(tmp_path):
+    """Weights saved before the estimates took the label names (mean_diameter_var_scale, dispersion_fusion_power, ...:
+    the released model's) load under today's names with their values: the same answers."""
+    import numpy as np
+
+    from qdsize.ml.model import RENAMED_BUFFERS
+    from qdsize.ml.predict import WEIGHTS, Predictor
+
+    net = QDNet(ModelConfig(channels=[8], kernels=[3], strides=[2], n_size_classes=3, n_dispersion_classes=2,
+                            size_edges_nm=[2.0, 3.0, 4.0, 5.0], dispersion_edges_pct=[0.0, 10.0, 25.0])).eval()
+    for i, new in enumerate(RENAMED_BUFFERS.values()):
+        getattr(net, new).fill_(0.3 + 0.1 * i)  # none at its default, so a buffer left unloaded shows
+    folder = Predictor(net, np.linspace(1, 8, 32), [2.0, 3.0, 4.0, 5.0], [0.0, 10.0, 25.0]).save(tmp_path / "m")
+    old = {new: name for name, new in RENAMED_BUFFERS.items()}
+    state = torch.load(folder / WEIGHTS, weights_only=True)
+    torch.save({old.get(k, k): v for k, v in state.items()}, folder / WEIGHTS)
+    assert set(RENAMED_BUFFERS) <= set(torch.load(folder / WEIGHTS, weights_only=True))
+    loaded = Predictor.load(folder).model
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    x = torch.rand(3, 32) + 1
+    for k, v in net(x).items():
+        torch.testing.assert_close(loaded(x)[k], v)

@@ -25,7 +25,7 @@ def check():
 
 
 def _pbs(specs, b_iso=1.0, material="pbs"):
-    return np.array([pattern.simulate(Q, material=material, diameter_nm=d, dispersion_pct=s, shape=shape,
+    return np.array([pattern.simulate(Q, material=material, diameter_nm=d, size_dispersion_pct=s, shape=shape,
                                       b_iso=b_iso).intensity for d, s, shape in specs], dtype=np.float32)
 
 

@@ -67,7 +67,7 @@ def _tail_weight(q, i_q, q0=2.994):
 def test_dispersion_raises_the_tails_of_the_peaks():
     q = np.arange(2.3, 3.7, 0.0005)
     mono = [_tail_weight(q, pattern.simulate(q, diameter_nm=d).intensity) for d in (5.0, 6.0, 8.0)]
-    poly = _tail_weight(q, pattern.simulate(q, diameter_nm=6.0, dispersion_pct=20.0).intensity)
+    poly = _tail_weight(q, pattern.simulate(q, diameter_nm=6.0, size_dispersion_pct=20.0).intensity)
     # monodisperse peaks share one shape whatever the size; a size distribution adds heavier tails
     assert max(mono) / min(mono) < 1.1
     assert poly > 1.15 * max(mono)
@@ -227,6 +227,6 @@ def test_a_narrow_distribution_between_two_shell_closures_still_simulates():
     from qdsize.sim import pattern
 
     q = np.arange(1.0, 6.0, 0.01)
-    p = pattern.simulate(q, diameter_nm=2.648748719756762, dispersion_pct=0.5)
+    p = pattern.simulate(q, diameter_nm=2.648748719756762, size_dispersion_pct=0.5)
     assert abs(p.params["mean_diameter_nm"] - 2.648748719756762) < 1e-3
     assert p.params["n_ladder_sizes"] >= 2 and np.all(np.isfinite(p.intensity))

@@ -30,7 +30,7 @@ def sample_files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("files")
     q = scattering.q_grid(0.8, 12.0, 0.004)
-    p = pattern.simulate(q, diameter_nm=4.0, dispersion_pct=8.0, shape="cuboctahedron", surface="cation_rich",
+    p = pattern.simulate(q, diameter_nm=4.0, size_dispersion_pct=8.0, shape="cuboctahedron", surface="cation_rich",
                          b_iso=1.0, energy_kev=17.479)
     y = augment.from_config({"preset": "realistic"}, q)(torch.as_tensor(p.intensity[None]),
                                                         torch.Generator().manual_seed(0))[0].numpy()
@@ -101,7 +101,7 @@ def test_what_is_not_pbs_dots_is_flagged_not_sized(store, sample_files, tmp_path
     rng = np.random.default_rng(0)
     toluene = solvents.solvent_intensity("toluene", q)
     kapton = solvents.capillary_intensity("kapton", q)
-    cdse = pattern.simulate(q, material="cdse", diameter_nm=4.0, dispersion_pct=8.0, b_iso=1.0).intensity
+    cdse = pattern.simulate(q, material="cdse", diameter_nm=4.0, size_dispersion_pct=8.0, b_iso=1.0).intensity
     others = {"toluene.xy": rng.poisson(2000 * toluene / toluene.max()), "capillary.xy": kapton,
               "noise.xy": rng.poisson(80.0, len(q)), "cdse.xy": cdse}
     paths = []

@@ -69,7 +69,7 @@ def test_recovers_size_and_dispersion_of_an_independent_simulation(ladder, mean_
     """A pattern simulated on its own fine ladder (other cut centre), with a polynomial background, toluene and
     Poisson noise: refined within 0.1 nm and 2 points, from starts 0.5 nm and 5 points off on either side, and
     the two starts agree within their uncertainties."""
-    pat = pattern.simulate(Q, shape="sphere", diameter_nm=mean_nm, dispersion_pct=disp_pct, surface="cation_rich",
+    pat = pattern.simulate(Q, shape="sphere", diameter_nm=mean_nm, size_dispersion_pct=disp_pct, surface="cation_rich",
                            centre="random", seed=seed + 10, strain=STRAIN_TRUE, b_iso=B_TRUE, energy_kev=ENERGY_KEV)
     true_m, true_c = pat.params["mean_diameter_nm"], pat.params["size_dispersion_pct"]
     y = observe(per_atom(pat), np.random.default_rng(seed), solvent_ratio=0.5)
@@ -283,7 +283,7 @@ def test_independent_recipe_pattern_improves_on_a_biased_start(ladder, independe
     assert truth["resolution"][0] > 0.005  # a real instrument width
     m_true = truth["mean_diameter_nm"]
     start = {"mean_diameter_nm": m_true + 0.4, "mean_diameter_std_nm": 0.3,
-             "size_dispersion_pct": truth["dispersion_pct"] + 4.0, "size_dispersion_std_pct": 3.0}
+             "size_dispersion_pct": truth["size_dispersion_pct"] + 4.0, "size_dispersion_std_pct": 3.0}
     as_cut = rf.load_ladder(float(Q[0]), float(Q[-1]), spec={**SMALL_LADDER, "surface": "as_cut"})
     models = ({"shape": "sphere", "surface": "cation_rich"}, {"shape": "sphere", "surface": "as_cut"})
     res = rf.refine_models(qm, y, start, models=models, q_range=(1.0, 9.5),
@@ -320,7 +320,7 @@ def test_pure_solvent_and_cdse_are_rejected_with_a_reason(ladder, capsys):
     s = solvents.solvent_intensity("toluene", Q)
     x = 2.0 * (Q - Q[0]) / (Q[-1] - Q[0]) - 1.0
     solvent_only = rng.poisson(1e4 * (s / s.max() + 0.2 + 0.05 * x)).astype(np.float64)
-    cdse = pattern.simulate(Q, material="cdse", diameter_nm=5.0, dispersion_pct=8.0, centre="random", seed=3,
+    cdse = pattern.simulate(Q, material="cdse", diameter_nm=5.0, size_dispersion_pct=8.0, centre="random", seed=3,
                             b_iso=1.0, energy_kev=ENERGY_KEV)
     i = per_atom(cdse) + 0.2 * per_atom(cdse).mean()
     cdse_counts = rng.poisson(i * 3e4 / i.max()).astype(np.float64)

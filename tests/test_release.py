@@ -90,7 +90,7 @@ def test_predict_answers_with_the_released_model_when_nothing_is_trained(tmp_pat
     from qdsize.sim import measured, pattern, scattering
 
     q = scattering.q_grid(0.8, 12.0, 0.004)
-    cdse = pattern.simulate(q, material="cdse", diameter_nm=4.0, dispersion_pct=8.0, b_iso=1.0).intensity
+    cdse = pattern.simulate(q, material="cdse", diameter_nm=4.0, size_dispersion_pct=8.0, b_iso=1.0).intensity
     measured.write_pattern_file(tmp_path / "cdse.xy", q, cdse, x_unit="q_A")
     chi = [p for p in EXAMPLES if p.suffix == ".chi"]
     plain = [p for p in EXAMPLES if p.suffix != ".chi"]

@@ -212,7 +212,7 @@ def test_named_scores_told_the_splits_resolution_blind_apart_and_the_card_says_w
     for name, res_told in (("benchmark_mean_diameter_mae_nm", data.instrument_of(tiny_dataset)),
                            ("benchmark_blind_mean_diameter_mae_nm", None)):
         pred = evaluate.predict_arrays(loaded.model, xb, resolution=res_told)
-        assert np.abs(pred["mean_diameter"] - lab["mean_diameter_nm"]).mean() == pytest.approx(res[name], rel=1e-4)
+        assert np.abs(pred["mean_diameter_nm"] - lab["mean_diameter_nm"]).mean() == pytest.approx(res[name], rel=1e-4)
     x, _ = data.read_split(tiny_dataset, "benchmark", limit=4)
     told, blind = loaded.predict(x, resolution=(0.02, 0.002)), loaded.predict(x)
     assert told[0]["resolution_given"] == [0.02, 0.002, 0.0] and blind[0]["resolution_given"] is None
@@ -255,7 +255,7 @@ def test_calibration_builds_no_autograd_graph():
          "mean_diameter_nm": torch.rand(64) * 10 + 2, "size_dispersion_pct": torch.rand(64) * 25}
     cal = calibrate(net, x, torch.ones_like(x), y)
     assert seen and not any(seen)
-    assert 0.5 <= cal["mean_diameter_var_power"] <= 2.0 and cal["mean_diameter_var_scale"] > 0
+    assert 0.5 <= cal["mean_diameter_nm_var_power"] <= 2.0 and cal["mean_diameter_nm_var_scale"] > 0
 
 
 def test_fusion_fit_uses_an_informative_class_head_and_ignores_a_flat_one():
@@ -270,18 +270,18 @@ def test_fusion_fit_uses_an_informative_class_head_and_ignores_a_flat_one():
     n = 20_000
     truth = 2 + 4 * torch.rand(n, generator=g)
     cls = torch.clamp(truth.long() - 2, 0, 3)
-    centre, scale = TARGET_SCALE["mean_diameter"]
+    centre, scale = TARGET_SCALE["mean_diameter_nm"]
     wrong = torch.randint(0, 4, (n,), generator=g)
     named = torch.where(torch.rand(n, generator=g) < 0.9, cls, wrong)
-    out = {"mean_diameter": (truth + 0.8 * torch.randn(n, generator=g) - centre) / scale,
-           "mean_diameter_logvar": torch.full((n,), 2 * math.log(0.8 / scale)),
+    out = {"mean_diameter_nm": (truth + 0.8 * torch.randn(n, generator=g) - centre) / scale,
+           "mean_diameter_nm_logvar": torch.full((n,), 2 * math.log(0.8 / scale)),
            "size_logits": 4.0 * torch.nn.functional.one_hot(named, 4).float()}
-    power, t = fit_fusion(out, net, "size", "mean_diameter", truth, cls, edges)
+    power, t = fit_fusion(out, net, "size", "mean_diameter_nm", truth, cls, edges)
     assert power >= 0.5 and t > 0
-    gauss = out["mean_diameter"].double() * scale + centre
+    gauss = out["mean_diameter_nm"].double() * scale + centre
     fused, _, mass = fuse(gauss, torch.full((n,), 0.8, dtype=torch.float64),
                           torch.softmax(out["size_logits"].double(), -1), edges, power)
     assert (fused - truth).abs().mean() < 0.8 * (gauss - truth).abs().mean()
     assert (mass.argmax(1) == cls).float().mean() > 0.85
     out["size_logits"] = torch.zeros(n, 4)
-    assert fit_fusion(out, net, "size", "mean_diameter", truth, cls, edges) == (0.0, 1.0)
+    assert fit_fusion(out, net, "size", "mean_diameter_nm", truth, cls, edges) == (0.0, 1.0)
