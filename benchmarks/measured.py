@@ -12,7 +12,12 @@ no instrument resolution is known for these instruments, so there is no told fig
 Side by side, when its file and h5py are there: the reference's own network (`peer: reference PbS_model.h5`, a
 classifier in 0.5-nm classes, run by a NumPy forward pass after its published preprocessing; see external.py).
 
+With --refine, each answered synchrotron file is then refined as `qdsize predict FILE --refine` does (the exact DSE
+fit from the network's answer, shape auto unless --refine-shape, the instrument fitted; the guard decides), and the
+answer reported (the refinement's where the guard accepts it, else the network's) is scored beside the network's.
+
     .venv/bin/python benchmarks/measured.py MODEL [MODEL ...] --data DIR [--peer PbS_model.h5] [--json PATH]
+        [--refine [--refine-shape SHAPE] [--plots DIR]]
         (DIR also from QDSIZE_MEASURED_DIR; the peer from QDSIZE_PEER_MODEL or DIR/../peer/PbS_model.h5)
 """
 
@@ -112,6 +117,63 @@ def predict_peer(peer, files: list[dict]) -> list[dict]:
     return rows
 
 
+def refine_rows(rows: list[dict], files: list[dict], shape: str, plots: Path | None, console) -> list[dict]:
+    """The rows with `answer` (what `predict --refine` reports, as a pred dict) and `refined` (the fit's fields)
+    for each answered synchrotron file; the network's answer stands where the fit fails or the guard rejects it."""
+    from qdsize.sim import refine as rf
+    from qdsize.sim.errors import InputError
+
+    opts = rf.fit_options({"shape": shape})
+    out = []
+    todo = [(r, f) for r, f in zip(rows, files) if f["set"] == "synchrotron" and r["pred"] is not None]
+    for k, (r, f) in enumerate(todo):
+        t0 = time.perf_counter()
+        start = {key: r["pred"][key] for key in rf.START_KEYS if r["pred"].get(key) is not None}
+        row = dict(r)
+        try:
+            res = rf.refine_pattern(f["pattern"], start, opts)
+            ref = res.refined
+            ans = ref["answer"]
+            row["answer"] = {**r["pred"], **{key: ans[key] for key in rf.START_KEYS if key in ans}}
+            lad = ref.get("ladder") or {}
+            row["refined"] = {**{key: ref.get(key) for key in ("mean_diameter_nm", "mean_diameter_std_nm",
+                                                               "size_dispersion_pct", "accepted", "verdict",
+                                                               "reduced_chi2", "rwp")},
+                              "shape": f"{lad.get('shape', '?')}/{lad.get('surface', '?')}"}
+            if plots is not None:
+                from qdsize.platform.cli_refine import plot_refinement
+
+                plot_refinement(plots / f"{f['path'].stem}_refine.png", res, title=f["path"].name)
+        except InputError as exc:
+            row["answer"] = r["pred"]
+            row["refined"] = {"error": str(exc)}
+        row["refine_s"] = time.perf_counter() - t0
+        console.print(f"  refined {k + 1}/{len(todo)} {short_name(f['path'])}: "
+                      f"{row['refined'].get('verdict', row['refined'].get('error'))} ({row['refine_s']:.1f} s)",
+                      highlight=False)
+        out.append(row)
+    return out
+
+
+def refine_table(name: str, rows: list[dict]) -> Table:
+    table = Table("file", "true D", "network", "refined D nm", "shape", "chi2/dof", "answer", "error", "refinement",
+                  title=f"{name} --refine: synchrotron patterns", box=box.SIMPLE_HEAD)
+    for r in rows:
+        ref = r["refined"]
+        net = r["pred"]["mean_diameter_nm"]
+        ans = r["answer"]["mean_diameter_nm"]
+        if "error" in ref:
+            table.add_row(r["file"][:24], f"{r['true_d']:.2f}", f"{net:.2f}", "-", "-", "-", f"{ans:.2f}",
+                          f"{ans - r['true_d']:+.2f}", ref["error"][:40])
+            continue
+        std = ref.get("mean_diameter_std_nm")
+        table.add_row(short_name(Path(r["file"])), f"{r['true_d']:.2f}", f"{net:.2f} ({net - r['true_d']:+.2f})",
+                      f"{ref['mean_diameter_nm']:.3f}" + ("" if std is None else f" ± {std:.3f}"),
+                      str(ref.get("shape") or "-"), f"{ref['reduced_chi2']:.3g}", f"{ans:.2f}",
+                      f"{ans - r['true_d']:+.2f}", (ref.get("verdict") or "")[:48])
+    return table
+
+
 def figures_line(label: str, s: dict) -> str:
     cover = "" if s["coverage_1sigma"] is None else \
         f", 1/2 sigma {ext.fmt(s['coverage_1sigma'], '.2f')}/{ext.fmt(s['coverage_2sigma'], '.2f')}"
@@ -208,6 +270,9 @@ def main() -> None:
     ap.add_argument("--no-peer", action="store_true", help="leave the reference's network out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", metavar="PATH", help="also write the figures to this JSON file")
+    ap.add_argument("--refine", action="store_true", help="then refine each synchrotron answer (predict --refine)")
+    ap.add_argument("--refine-shape", default="auto", help="the refinement's shape (default auto)")
+    ap.add_argument("--plots", metavar="DIR", help="with --refine: a figure of each fit into DIR")
     args = ap.parse_args()
     from qdsize.sim.errors import InputError
 
@@ -253,9 +318,24 @@ def run(args) -> None:
             for line in lab_lines(rows, peer_rows, files):
                 console.print(line, overflow="ellipsis", no_wrap=True, highlight=False)
             console.print(figures_line(f"{name}, laboratory", ext.score(lab)))
-        console.print()
         results[name] = {"blind": ext.score(sync), "told": None, "per_bin": ext.per_bin(sync),
                          "per_file": per_file(rows), "laboratory": ext.score(lab) if lab else None}
+        if args.refine:
+            plots = Path(args.plots) if args.plots else None
+            refined = refine_rows(rows, files, args.refine_shape, plots, console)
+            console.print(refine_table(name, refined))
+            answered = [{**r, "pred": r["answer"]} for r in refined]
+            console.print(figures_line(f"{name}, network", ext.score(refined)))
+            console.print(figures_line(f"{name}, --refine answer", ext.score(answered)))
+            accepted = sum(bool(r["refined"].get("accepted")) for r in refined)
+            console.print(f"refinement accepted on {accepted}/{len(refined)}; "
+                          f"{np.mean([r['refine_s'] for r in refined]):.1f} s a file", highlight=False)
+            results[name]["refined"] = {"answer": ext.score(answered), "accepted": accepted, "per_file": [
+                {"file": r["file"], "true_mean_diameter_nm": r["true_d"],
+                 "network_mean_diameter_nm": r["pred"]["mean_diameter_nm"],
+                 "answer_mean_diameter_nm": r["answer"]["mean_diameter_nm"], **r["refined"],
+                 "seconds": r["refine_s"]} for r in refined]}
+        console.print()
     wall = time.perf_counter() - t0
     data = (f"{n_sync} synchrotron .xye patterns (experimental-data_SYNCHR) and {n_lab} Cu K-alpha laboratory .xy "
             "patterns (experimental-data_LAB) of PbS quantum dots, measured by the QDots-sizer authors "

@@ -104,9 +104,12 @@ def _prebuild(files, kw):
             pat = _read(f, kw.get("x_unit"), kw.get("wavelength_angstrom"), kw.get("energy_kev"))
         except InputError:
             continue  # reported by the worker
-        q_range = opts.get("q_range") or (1.0, None)
         q = pat.q_inv_angstrom
-        q = q[(q >= (q_range[0] or 1.0)) & (q <= (q_range[1] or np.inf))]
+        try:
+            lo, hi = rf.fit_range(q, opts.get("q_range") or (1.0, None))
+        except InputError:
+            continue  # reported by the worker
+        q = q[(q >= lo) & (q <= hi)]
         if q.size < 2:
             continue
         try:  # as refine() loads it

@@ -21,6 +21,10 @@ DEFAULT_LADDER = {"material": "pbs", "a_angstrom": 5.936, "shape": "sphere", "su
 FINE_STEP_INV_ANGSTROM = 0.004  # the default dataset's fine grid step (compose.fine_step_inv_angstrom)
 DEFAULT_FINE = (0.88, 0.004, 2436)  # fine grid of conf/dataset/pbs.yaml: sharing it shares the table cache
 FINE_MARGIN_POINTS = 16
+DEFAULT_Q_MAX_INV_ANGSTROM = 10.0  # the default fit range ends here (inside DEFAULT_FINE with every margin)
+# data sampled finer than the tables' step carry no detail the model has: consecutive points are averaged down to
+# about this step before the fit (a box of this width broadens the narrowest peak the ladder holds, 24 nm, by < 1 %)
+FIT_STEP_INV_ANGSTROM = FINE_STEP_INV_ANGSTROM
 REQUIRED_Q_MIN_INV_ANGSTROM = 1.2  # DESIGN.md: a measured pattern must cover at least 1.2-7.0 1/A
 REQUIRED_Q_MAX_INV_ANGSTROM = 7.0
 COVERAGE_MARGIN_INV_ANGSTROM = 0.1
@@ -350,6 +354,20 @@ def robust_sigma(y: np.ndarray, window: int = 9, span: int = 101) -> np.ndarray:
     return np.maximum(s, max(floor, 1e-3 * float(np.median(s)) if np.median(s) > 0 else floor))
 
 
+def bin_points(q: np.ndarray, y: np.ndarray, sigma: np.ndarray, step: float = FIT_STEP_INV_ANGSTROM):
+    """(q, y, sigma, k): groups of k consecutive points averaged, k = the whole number of median Q steps in `step`
+    (1: returned as given), sigma propagated (sqrt of the sum of squares over k); a last partial group is dropped."""
+    dq = float(np.median(np.diff(q))) if q.size > 1 else step
+    k = int(step / dq + 1e-9) if dq > 0 else 1
+    if k < 2 or q.size < 4 * k:
+        return q, y, sigma, 1
+    n = (q.size // k) * k
+    qb = q[:n].reshape(-1, k).mean(axis=1)
+    yb = y[:n].reshape(-1, k).mean(axis=1)
+    sb = np.sqrt((sigma[:n].reshape(-1, k) ** 2).sum(axis=1)) / k
+    return qb, yb, sb, k
+
+
 def choose_sigma(y: np.ndarray, sigma_file) -> tuple[np.ndarray, str, list[str]]:
     """(sigma, kind, messages): the file's column when given, Poisson for counts, else a robust estimate."""
     msgs = []
@@ -409,6 +427,18 @@ def _check_start(name: str, value, lo: float, hi: float, what: str) -> float:
     if not lo <= v <= hi:
         raise bad(name, value, f"{what} within the refinement bounds [{lo:g}, {hi:g}]")
     return v
+
+
+def fit_range(q_inv_angstrom: np.ndarray, q_range=(1.0, None)) -> tuple[float, float]:
+    """(q_min, q_max) fitted: `q_range` where given; else from 1.0 1/A to the data's end, at most
+    DEFAULT_Q_MAX_INV_ANGSTROM (the shared tables' reach: beyond it a PbS dot's pattern holds little on its size
+    but the cost of tables built for that range)."""
+    lo = q_range[0] if q_range and q_range[0] is not None else 1.0
+    hi = q_range[1] if q_range and len(q_range) > 1 and q_range[1] is not None else \
+        min(float(q_inv_angstrom[-1]), DEFAULT_Q_MAX_INV_ANGSTROM)
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 < lo < hi):
+        raise bad("q_range", tuple(q_range), "(q_min, q_max) in 1/A with 0 < q_min < q_max")
+    return float(lo), float(hi)
 
 
 def fit_ladder_range(q_fit: np.ndarray, *, resolution="fit", q_zero: bool = True,
@@ -510,10 +540,7 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
         raise InputError(f"{name}: NaN or infinity in Q or intensity: expected finite numbers")
     if q_all.size > 1 and np.any(np.diff(q_all) <= 0):
         raise InputError(f"{name}: Q is not strictly increasing: expected a sorted grid without repeats")
-    lo_req = q_range[0] if q_range and q_range[0] is not None else 1.0
-    hi_req = q_range[1] if q_range and len(q_range) > 1 and q_range[1] is not None else float(q_all[-1])
-    if not (math.isfinite(lo_req) and math.isfinite(hi_req) and 0 < lo_req < hi_req):
-        raise bad("q_range", tuple(q_range), "(q_min, q_max) in 1/A with 0 < q_min < q_max")
+    lo_req, hi_req = fit_range(q_all, q_range)
     sel = (q_all >= lo_req) & (q_all <= hi_req)
     if not sel.any():
         raise InputError(f"{name}: no data in the fit range {lo_req:g}-{hi_req:g} 1/A: expected points there")
@@ -532,6 +559,10 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
             raise InputError(f"{name}: {sig_file.size} sigma values for {q_all.size} points: expected one per point")
         sig_file = sig_file[sel]
     s_used, weighting, messages = choose_sigma(y, sig_file)
+    q, y, s_used, every = bin_points(q, y, s_used)
+    if every > 1:
+        messages.append(f"{every * q.size} points finer than {FIT_STEP_INV_ANGSTROM:g} 1/A averaged in groups of "
+                        f"{every}: {q.size} points fitted")
     if background not in ("spline", "legendre"):
         raise bad("background", background, "'spline' (B-splines in sqrt(Q)) or 'legendre' (polynomial)")
     res_mode = _check_resolution(resolution)

@@ -381,3 +381,19 @@ def test_refine_rows_options_shape_surface_solvent():
                             ({"solvent": ("benzine",)}, "solvent = 'benzine'"), ({"colour": 1}, "options")):
         with pytest.raises(InputError, match=match):
             rf.fit_options(bad_opts)
+
+
+def test_finely_sampled_data_are_binned_to_the_tables_step_and_the_default_range_ends_at_10():
+    """Area-detector files hold ~33,000 points (2-theta steps of 0.0036 deg): averaged in groups down to the tables'
+    Q step, with sigma propagated as for a mean; the default fit range stops at the shared tables' reach."""
+    q = np.linspace(1.0, 12.0, 33001)  # step 0.000333 1/A: groups of 12
+    y = 100.0 + np.sin(q)
+    s = np.full_like(q, 2.0)
+    qb, yb, sb, k = rf.bin_points(q, y, s)
+    assert k == 12 and qb.size == 33001 // 12
+    assert qb[0] == pytest.approx(q[:12].mean()) and yb[1] == pytest.approx(y[12:24].mean())
+    assert np.allclose(sb, 2.0 / np.sqrt(12))
+    coarse = np.linspace(1.0, 9.0, 2001)  # step 0.004: as given
+    assert rf.bin_points(coarse, coarse, coarse)[3] == 1
+    assert rf.fit_range(q) == (1.0, rf.DEFAULT_Q_MAX_INV_ANGSTROM) and rf.fit_range(q, (1.5, 11.0)) == (1.5, 11.0)
+    assert rf.fit_range(coarse) == (1.0, 9.0)

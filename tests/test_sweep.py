@@ -110,7 +110,10 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_dat
             if finished_before:
                 break
             time.sleep(1)
-        assert finished_before, "no trial finished before the deadline"
+        if not finished_before:
+            gone = proc.poll() is not None
+            out = proc.stdout.read().decode(errors="replace")[-4000:] if gone else ""
+            raise AssertionError(f"no trial finished {'before the sweep ended' if gone else 'in 600 s'}\n{out}")
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C, as a user would
         proc.wait(timeout=120)
     finally:
