@@ -144,12 +144,12 @@ def run_trial(point: dict, *, base: dict, tracking_uri: str, experiment_id: str,
     cfg_dict["epochs"] = max_epochs
     cfg_dict["threads"] = threads
     cfg = conf.from_dict(TrainConfig, cfg_dict, "train")
-    trial_id = tune.get_context().get_trial_id()
-    done = finished_trial(tracking_uri, experiment_id, parent_run_id, f"trial-{trial_id}")
+    run_name = f"trial-{tune.get_context().get_trial_id()}"
+    done = finished_trial(tracking_uri, experiment_id, parent_run_id, run_name)
     if done is not None:  # trained to the end before an interruption that Tune's saved state missed: not again
         tune.report({**done, "done_training": 1})
         return
-    result = train(cfg, tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=f"trial-{trial_id}",
+    result = train(cfg, tracking_uri=tracking_uri, experiment_id=experiment_id, run_name=run_name,
                    parent_run_id=parent_run_id, report=tune.report, progress=False)
     final = {k: v for k, v in result.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     # the last report (iteration max_epochs + 1 at most) carries the frozen-split scores and the logged model

@@ -559,9 +559,10 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
             raise InputError(f"{name}: {sig_file.size} sigma values for {q_all.size} points: expected one per point")
         sig_file = sig_file[sel]
     s_used, weighting, messages = choose_sigma(y, sig_file)
+    q_selected = q  # the tables are sized on the selected range, as a batch pre-build sizes them
     q, y, s_used, every = bin_points(q, y, s_used)
     if every > 1:
-        messages.append(f"{every * q.size} points finer than {FIT_STEP_INV_ANGSTROM:g} 1/A averaged in groups of "
+        messages.append(f"{q_selected.size} points finer than {FIT_STEP_INV_ANGSTROM:g} 1/A averaged in groups of "
                         f"{every}: {q.size} points fitted")
     if background not in ("spline", "legendre"):
         raise bad("background", background, "'spline' (B-splines in sqrt(Q)) or 'legendre' (polynomial)")
@@ -591,7 +592,7 @@ def _refine(q_inv_angstrom, intensity, start, *, sigma, energy_kev, ladder, ladd
     sc_net = _optional_std(start, "size_dispersion_std_pct")
     m0 = float(np.clip(m_net, *BOUNDS["mean_diameter_nm"]))
     c0 = float(np.clip(c_net, 1.0, BOUNDS["size_dispersion_pct"][1] - 1.0))  # off the 0 bound: its gradient is 0
-    lad_lo, lad_hi, micro_max = fit_ladder_range(q, resolution=res_mode, q_zero=q_zero,
+    lad_lo, lad_hi, micro_max = fit_ladder_range(q_selected, resolution=res_mode, q_zero=q_zero,
                                                  refine_microstrain=refine_microstrain,
                                                  microstrain_pct=microstrain_pct)
     if ladder is None:
