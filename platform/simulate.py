@@ -287,7 +287,8 @@ def _ray_remotes():
             tab["node_ip"] = ray.util.get_node_ip_address()
             return tab
 
-    @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False)
+    # spread over the nodes: every node writes shards, rather than the first packing the queue while others start
+    @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False, scheduling_strategy="SPREAD")
     def shard_task(cfg, config_hash, shard, specs, out, rules, *families):
         rec = make_shard(cfg, config_hash, shard, list(families), specs, out, rules)
         ctx = ray.get_runtime_context()
