@@ -287,8 +287,7 @@ def _ray_remotes():
             tab["node_ip"] = ray.util.get_node_ip_address()
             return tab
 
-    # spread over the nodes: every node writes shards, rather than the first packing the queue while others start
-    @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False, scheduling_strategy="SPREAD")
+    @ray.remote(num_cpus=1, max_retries=4, retry_exceptions=False)
     def shard_task(cfg, config_hash, shard, specs, out, rules, *families):
         rec = make_shard(cfg, config_hash, shard, list(families), specs, out, rules)
         ctx = ray.get_runtime_context()
@@ -473,6 +472,24 @@ def _families(specs, fine, cache, use_ray, workers, prog):
     return refs, status
 
 
+def node_strategies(nodes: list[dict]) -> list:
+    """Soft node-affinity strategies, one per CPU of each alive node, interleaved; [] on a single node.
+
+    Ray hands a leased worker the next queued task of the same kind, so with "SPREAD" alone the node whose worker
+    starts first can write every shard while another node's worker is still starting. One strategy per node makes
+    one queue per node: each node writes its share, in proportion to its CPUs. Soft: a node that dies takes no
+    more shards, its shards go elsewhere.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cpus = [(n["NodeID"], int(n.get("Resources", {}).get("CPU", 0))) for n in nodes if n.get("Alive")]
+    cpus = [(node, c) for node, c in cpus if c > 0]
+    if len(cpus) < 2:
+        return []
+    slots = [node for k in range(max(c for _, c in cpus)) for node, c in cpus if k < c]
+    return [NodeAffinitySchedulingStrategy(node, soft=True) for node in slots]
+
+
 def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog):
     """Yield shard records as shards complete (at most `workers` in flight with Ray)."""
     task = prog.add_task("patterns", total=sum(s["rows"] for s in todo), unit="patterns")
@@ -488,6 +505,7 @@ def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog
     _, shard_task = _ray_remotes()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     limit = max(1, workers if workers else 2 * cpus)
+    strategies, submitted = node_strategies(ray.nodes()), 0
     cfg_ref, specs_ref = ray.put(cfg), ray.put(specs)
     rules_ref = ray.put(quadrature_rules(cfg.compose.quadrature_tol))  # once on the driver, not per worker
     queue = list(todo)
@@ -495,7 +513,10 @@ def _shards(cfg, config_hash, todo, families, specs, out, use_ray, workers, prog
     while queue or running:
         while queue and len(running) < limit:
             sh = queue.pop(0)
-            running[shard_task.remote(cfg_ref, config_hash, sh, specs_ref, str(out), rules_ref, *families)] = sh
+            strategy = strategies[submitted % len(strategies)] if strategies else None
+            submitted += 1
+            task_fn = shard_task.options(scheduling_strategy=strategy) if strategy else shard_task
+            running[task_fn.remote(cfg_ref, config_hash, sh, specs_ref, str(out), rules_ref, *families)] = sh
         ready, _ = ray.wait(list(running), num_returns=1)
         for ref in ready:
             sh = running.pop(ref)

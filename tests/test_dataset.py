@@ -18,8 +18,6 @@ from qdsize.platform import dataset as ds
 from qdsize.platform import simulate as sm
 from qdsize.sim import compose, debye, distribution, ladder, pattern
 
-import clusterkit  # tests/clusterkit.py
-
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "dataset" / "smoke.yaml"
 TINY = ["dataset.q.step_inv_angstrom=0.02", "dataset.samples=160", "dataset.shard_size=20",
@@ -377,25 +375,13 @@ def test_cli_refuses_a_foreign_dataset_unless_overwrite_and_info_show(home, refe
     assert set(checksums(out)) == set(sums) and checksums(out) != sums
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# A real two-node cluster: head in this network namespace, a second raylet in a namespace of the test's own
-# ----------------------------------------------------------------------------------------------------------------
-NS_ROOT_IP, NS_NODE_IP = "10.213.0.1", "10.213.0.2"
-
-
-@pytest.mark.skipif(clusterkit.netns_unavailable() is not None, reason=str(clusterkit.netns_unavailable()))
-def test_two_node_cluster_both_nodes_write_shards(home, reference, tmp_path):
-    ref, _ = reference
-    tag = f"qd{os.getpid() % 100000}"
-    with clusterkit.two_node_ray(tag, NS_ROOT_IP, NS_NODE_IP, clusterkit.ray_env(NS_ROOT_IP, NS_NODE_IP)) as cluster:
-        out = tmp_path / "ds"
-        r = subprocess.run([sys.executable, "-m", "qdsize.platform", "simulate", str(SMOKE), *TINY,
-                            "--address", cluster.address, "--out", str(out), "-q"], capture_output=True, text=True,
-                           timeout=300, env=cluster.env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        m = json.loads((out / ds.MANIFEST).read_text())
-        assert m["status"] == "complete"
-        nodes = {rec["node_ip"] for rec in m["shards"]}
-        assert nodes == {NS_ROOT_IP, NS_NODE_IP}, nodes
-        assert len({rec["node_id"] for rec in m["shards"]}) == 2
-        assert checksums(out) == checksums(ref)  # same bytes as on one process
+def test_shards_are_shared_over_the_nodes_by_their_cpus():
+    """One soft node-affinity strategy per CPU of each alive node, interleaved; none on a single node."""
+    a, b, dead, nocpu = ("%056x" % k for k in (1, 2, 3, 4))  # Ray node ids: 28 bytes, in hex
+    nodes = [{"NodeID": a, "Alive": True, "Resources": {"CPU": 2.0}},
+             {"NodeID": b, "Alive": True, "Resources": {"CPU": 1.0}},
+             {"NodeID": dead, "Alive": False, "Resources": {"CPU": 4.0}},
+             {"NodeID": nocpu, "Alive": True, "Resources": {"memory": 1e9}}]
+    got = sm.node_strategies(nodes)
+    assert [s.node_id for s in got] == [a, b, a] and all(s.soft for s in got)
+    assert sm.node_strategies(nodes[:1] + nodes[2:]) == []

@@ -359,6 +359,10 @@ def write_sweep_config(folder: Path, dataset: Path) -> Path:
     return path
 
 
+def shard_checksums(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): ds.sha256_file(p) for p in sorted(root.glob("split=*/*.parquet"))}
+
+
 def query(pg: clusterkit.Postgres, sql: str, *args) -> list[tuple]:
     with contextlib.closing(pg.connect()) as conn, conn.cursor() as cur:
         cur.execute(sql, args)
@@ -462,6 +466,19 @@ def run_everything(tmp_path, home, env, cluster, pg, uri, artifacts, lap):
     manifest = json.loads((out / ds.MANIFEST).read_text())
     assert manifest["status"] == "complete" and len(manifest["shards"]) == 9
     assert {s["node_ip"] for s in manifest["shards"]} == {ROOT_IP, NODE_IP}  # both nodes composed shards
+    assert len({s["node_id"] for s in manifest["shards"]}) == 2
+    # the same bytes as one process composes without Ray
+    from qdsize.platform import config as cf
+    from qdsize.platform import simulate as sm
+
+    local = tmp_path / "ds-local"
+    old_home = os.environ.get("QDSIZE_HOME")
+    os.environ["QDSIZE_HOME"] = str(home)  # the family cache the job filled
+    try:
+        sm.run(cf.load_dataset_config(job_dir / "dataset.yaml"), local, use_ray=False, quiet=True)
+    finally:
+        os.environ.pop("QDSIZE_HOME") if old_home is None else os.environ.update(QDSIZE_HOME=old_home)
+    assert shard_checksums(out) == shard_checksums(local)
     lap("simulate job")
 
     # ---- a tiny `qdsize sweep` through --address and --tracking-uri
