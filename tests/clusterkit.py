@@ -129,25 +129,26 @@ def ray_nodes(tag: str, ns: str, root_ip: str, node_ip: str, env: dict, head_cpu
     base = Path("/tmp") / f"qdsize-ray-{tag}"  # short: Ray's socket paths must stay under 108 characters
     ray_bin = VENV_BIN / "ray"
     try:
-        port = free_port(root_ip)
+        # Ray refuses two components on one port, and two free_port() calls may well return the same one
+        port, client, agent_http, agent_grpc, runtime_env, metrics, dport = distinct_free_ports(
+            root_ip, root_ip, "127.0.0.1", root_ip, root_ip, root_ip, "127.0.0.1")
         address = f"{root_ip}:{port}"
         head = [ray_bin, "start", "--head", f"--node-ip-address={root_ip}", f"--port={port}",
-                f"--num-cpus={head_cpus}", f"--ray-client-server-port={free_port(root_ip)}",
+                f"--num-cpus={head_cpus}", f"--ray-client-server-port={client}",
                 f"--temp-dir={base}-head", "--disable-usage-stats",
                 # a Ray of the test session may already hold the default agent and metrics ports on this host
-                f"--dashboard-agent-listen-port={free_port('127.0.0.1')}",
-                f"--dashboard-agent-grpc-port={free_port(root_ip)}",
-                f"--runtime-env-agent-port={free_port(root_ip)}", f"--metrics-export-port={free_port(root_ip)}"]
+                f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}"]
         url = None
         if dashboard:
-            dport = free_port("127.0.0.1")
             head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dport}"]
             url = f"http://127.0.0.1:{dport}"
         else:
             head += ["--include-dashboard=false"]
-        run(head, env=env)
-        run(["ip", "netns", "exec", ns, ray_bin, "start", f"--address={address}", f"--node-ip-address={node_ip}",
-             f"--num-cpus={node_cpus}", f"--temp-dir={base}-node", "--disable-usage-stats"], env=env)
+        ray_start(head, f"{base}-head", env)
+        ray_start(["ip", "netns", "exec", ns, ray_bin, "start", f"--address={address}", f"--node-ip-address={node_ip}",
+                   f"--num-cpus={node_cpus}", f"--temp-dir={base}-node", "--disable-usage-stats"], f"{base}-node", env)
+        wait_for_nodes(address, env, {root_ip: head_cpus, node_ip: node_cpus})
         yield RayCluster(address, url, env, root_ip, node_ip)
     finally:
         kill_marked(f"{base}-node", f"{base}-head")
@@ -155,11 +156,61 @@ def ray_nodes(tag: str, ns: str, root_ip: str, node_ip: str, env: dict, head_cpu
         shutil.rmtree(f"{base}-node", ignore_errors=True)
 
 
-@contextlib.contextmanager
-def two_node_ray(tag: str, root_ip: str, node_ip: str, env: dict, **kw):
-    """`ray_nodes` in a network namespace of its own, deleted at the end."""
-    with netns(tag, root_ip, node_ip) as ns, ray_nodes(tag, ns, root_ip, node_ip, env, **kw) as cluster:
-        yield cluster
+def distinct_free_ports(*hosts: str) -> list[int]:
+    """One free port per host in `hosts`, no two alike (free_port() alone can hand out the same port twice)."""
+    ports: list[int] = []
+    for host in hosts:
+        for _ in range(100):
+            port = free_port(host)
+            if port not in ports:
+                break
+        else:
+            raise AssertionError(f"no distinct free port on {host} after 100 tries; taken: {ports}")
+        ports.append(port)
+    return ports
+
+
+def ray_start(cmd: list, temp_dir: str, env: dict, tries: int = 2) -> None:
+    """`ray start`, once more when its raylet did not register in time.
+
+    Ray waits a fixed 30 s for the new raylet to appear in the GCS ("The current node timed out during startup");
+    on a busy 2-core machine that can pass while the raylet is still coming up. The half-started node's processes
+    (found by their temp dir) are stopped before the next try.
+    """
+    for attempt in range(tries):
+        r = run(cmd, env=env, check=False)
+        if r.returncode == 0:
+            return
+        if "timed out during startup" not in r.stdout + r.stderr or attempt == tries - 1:
+            raise AssertionError(f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+        kill_marked(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+WAIT_FOR_NODES = """
+import sys, time, ray
+pairs = sys.argv[2:-1]
+want = dict(zip(pairs[::2], map(float, pairs[1::2])))
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+deadline = time.monotonic() + float(sys.argv[-1])
+while True:
+    seen = {n["NodeManagerAddress"]: n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]}
+    if all(seen.get(ip) == cpus for ip, cpus in want.items()):
+        break
+    if time.monotonic() > deadline:
+        sys.exit(f"nodes alive after {sys.argv[-1]} s: {seen}, wanted {want}")
+    time.sleep(0.5)
+"""
+
+
+def wait_for_nodes(address: str, env: dict, cpus_by_ip: dict, timeout_s: float = 120.0) -> None:
+    """Return once the cluster's GCS lists every node of `cpus_by_ip` alive with its CPUs.
+
+    `ray start` returns when its raylet runs, which can be seconds before the head's scheduler sees the node; a job
+    started in that gap runs on the head alone.
+    """
+    args = [a for ip, cpus in cpus_by_ip.items() for a in (ip, cpus)]
+    run([sys.executable, "-c", WAIT_FOR_NODES, address, *args, timeout_s], env=env, timeout=timeout_s + 60)
 
 
 # ----------------------------------------------------------------------------------------------------------------
