@@ -53,6 +53,9 @@ class LocalServer:
                "--allowed-hosts", self.allowed_hosts()]
         env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
         env.pop("MLFLOW_TRACKING_URI")
+        # no job runners (huey workers for MLflow's GenAI jobs, which nothing here submits): a faster start, fewer
+        # processes; a user who wants them sets the variable to true
+        env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         self._log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True)
