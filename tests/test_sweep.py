@@ -47,10 +47,10 @@ def _children(parent_id):
 
 
 def test_sweep_registers_a_champion_and_a_worse_sweep_leaves_it(ray_local, tiny_dataset, tmp_path, home):
-    first = sw.sweep(sw.load_sweep_config(_write_configs(tmp_path, tiny_dataset, "good")))
+    first = sw.sweep(sw.load_sweep_config(_write_configs(tmp_path, tiny_dataset, "good", trials=2)))
     mlflow.set_tracking_uri(tracking.tracking_uri())  # the server is gone: read the SQLite store directly
     children = _children(first["parent_run_id"])
-    assert len(children) == 4
+    assert len(children) == 2
     assert all("val_loss" in r.data.metrics for r in children)
     client = mlflow.MlflowClient()
     parent_artifacts = {a.path for a in client.list_artifacts(first["parent_run_id"], "sweep")}
@@ -60,7 +60,7 @@ def test_sweep_registers_a_champion_and_a_worse_sweep_leaves_it(ray_local, tiny_
     assert "benchmark_joint_accuracy" in champion.tags
 
     # a deliberately worse sweep: a learning rate far too small to learn anything in one epoch
-    worse_cfg = _write_configs(tmp_path, tiny_dataset, "worse", lr=(1e-7, 2e-7), epochs=1, trials=2)
+    worse_cfg = _write_configs(tmp_path, tiny_dataset, "worse", lr=(1e-7, 2e-7), epochs=1, trials=1)
     worse = sw.sweep(sw.load_sweep_config(worse_cfg))
     mlflow.set_tracking_uri(tracking.tracking_uri())
     assert not worse["registration"]["champion"]
@@ -96,7 +96,7 @@ def test_bad_sweeps_fail_clearly(tmp_path, home, tiny_dataset):
 
 
 def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_dataset, tmp_path, home):
-    cfg = _write_configs(tmp_path, tiny_dataset, "resumable", epochs=3, trials=4)
+    cfg = _write_configs(tmp_path, tiny_dataset, "resumable", epochs=2, trials=3)
     env = {**os.environ, "QDSIZE_HOME": str(home)}
     cmd = [sys.executable, "-m", "qdsize.platform", "sweep", str(cfg)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
